@@ -1,0 +1,124 @@
+"""Attention kernels behind one switch: XLA reference, cuDNN flash (GPU) and Pallas splash (TPU).
+
+All take q (B, T, N, H), k and v (B, S, K, H) with K dividing N (GQA/MQA), and per-token segment ids
+(B, T) for packed rows: a token attends only to earlier tokens of its own segment, and, with a sliding
+window W, only to the W most recent of those (itself included).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ConfigError
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+    """Picks the kernel for `auto` and rejects a kernel the hardware cannot run, with the fix."""
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+    need = {"cudnn": "gpu", "splash": "tpu"}.get(impl)
+    if need and platform != need:
+        raise ConfigError(
+            f"model.attention={impl} needs a {need.upper()} but the backend is {platform}; "
+            f"use model.attention=auto or model.attention=xla"
+        )
+    return impl
+
+
+def make_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
+    """Boolean (B, 1, T, T) mask: causal, same segment, and within the window."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window:
+        allowed &= q_idx - k_idx < sliding_window
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (allowed[None] & same)[:, None]
+
+
+def xla_attention(q, k, v, segment_ids, sliding_window: int = 0):
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)  # (B, T, K, G, H): query heads grouped by their KV head
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    mask = make_mask(segment_ids, sliding_window)[:, :, None]  # (B, 1, 1, T, S)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def cudnn_attention(q, k, v, segment_ids, sliding_window: int = 0):
+    # cuDNN skips the masked-out causal blocks; the segment mask is only passed for packed rows.
+    window = (sliding_window - 1, 0) if sliding_window else None
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=make_mask(segment_ids, 0), is_causal=True, local_window_size=window,
+        implementation="cudnn",
+    )
+
+
+def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, interpret: bool = False):
+    """Pallas splash attention. Runs on TPU; `interpret=True` runs the same kernel on CPU for tests.
+
+    Called per device (inside shard_map or on a single device), with whole sequences on each device.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    groups = n // kv
+    if sliding_window:
+        mask = masks.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0)
+    else:
+        mask = masks.CausalMask((t, t))
+    kernel = splash.make_splash_mqa_single_device(
+        masks.MultiHeadMask([mask] * groups), interpret=interpret
+    )
+    q = q.transpose(0, 2, 1, 3).reshape(b, kv, groups, t, h) * (h**-0.5)  # kernel does not scale
+    k = k.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    v = v.transpose(0, 2, 1, 3)
+    ids = segment_ids.astype(jnp.int32)
+
+    def one(q_g, k_g, v_g, seg):  # q_g (G, T, H); k_g, v_g (S, H); seg (T,)
+        return kernel(q_g, k_g, v_g, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+    per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_kv_head, in_axes=(0, 0, 0, 0))(q, k, v, ids)  # (B, K, G, T, H)
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+def attend(q, k, v, segment_ids, *, impl: str, sliding_window: int = 0, mesh=None):
+    if impl == "xla":
+        return xla_attention(q, k, v, segment_ids, sliding_window)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, sliding_window)
+    if impl == "splash":
+        return _sharded_splash(q, k, v, segment_ids, sliding_window)
+    raise ConfigError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _sharded_splash(q, k, v, segment_ids, sliding_window):
+    """Runs splash per device: batch over the batch axes, heads over tensor, full sequence local."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxlm.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return splash_attention(q, k, v, segment_ids, sliding_window)
+    batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+    heads = "tensor" if mesh.shape["tensor"] > 1 and k.shape[2] % mesh.shape["tensor"] == 0 else None
+    qkv_spec = P(batch, None, heads, None)
+    fn = functools.partial(splash_attention, sliding_window=sliding_window)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)), out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)

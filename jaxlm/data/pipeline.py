@@ -1,0 +1,137 @@
+"""The grain input pipeline: documents -> tokens -> packed rows -> shuffle -> per-process batches.
+
+Documents are tokenized once (cached), wrapped as `<s> doc </s>` and concatenated. Packed row r is the
+window of L+1 tokens starting at r*L (concatenate-and-split). Each row carries segment ids (one per
+document piece in the row) and positions that restart at every document, and the loss is masked where
+the target belongs to another document.
+
+The global order of rows depends only on the seed, never on the number of processes: process p of P
+takes rows p, p+P, p+2P, ... of the shuffled stream, so step s always consumes global rows
+[s*B, (s+1)*B). The grain iterator state is therefore {"next_index": step} on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+
+import grain
+import jax
+import numpy as np
+
+from jaxlm.config import ConfigError, Config
+from jaxlm.data import corpus, tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenStream:
+    tokens: np.ndarray  # (N,) int32, all documents concatenated
+    doc_ids: np.ndarray  # (N,) int32, index of the document each token belongs to
+
+
+def tokenize(docs: list[str], sp, cache_path: str | None = None) -> TokenStream:
+    if cache_path and os.path.isfile(cache_path):
+        with np.load(cache_path) as f:
+            return TokenStream(f["tokens"], f["doc_ids"])
+    pieces = sp.encode(docs)
+    wrapped = [np.asarray([sp.bos_id(), *ids, sp.eos_id()], np.int32) for ids in pieces]
+    stream = TokenStream(
+        np.concatenate(wrapped) if wrapped else np.zeros(0, np.int32),
+        np.repeat(np.arange(len(wrapped), dtype=np.int32), [len(w) for w in wrapped]),
+    )
+    if cache_path:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(cache_path), suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, tokens=stream.tokens, doc_ids=stream.doc_ids)
+        os.replace(tmp.name, cache_path)
+    return stream
+
+
+class PackedRows:
+    """Random-access source of packed rows, so that grain can shuffle globally and resume by index."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+        self.num_rows = max((len(stream.tokens) - 1) // seq_len, 0)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        start = r * self.seq_len
+        window = self.stream.tokens[start : start + self.seq_len + 1]
+        docs = self.stream.doc_ids[start : start + self.seq_len + 1]
+        in_docs = docs[:-1]
+        idx = np.arange(self.seq_len)
+        starts = np.concatenate([[True], in_docs[1:] != in_docs[:-1]])
+        positions = idx - np.maximum.accumulate(np.where(starts, idx, 0))
+        return {
+            "inputs": window[:-1],
+            "targets": window[1:],
+            "positions": positions.astype(np.int32),
+            "segment_ids": (in_docs - in_docs[0] + 1).astype(np.int32),
+            "loss_mask": (docs[1:] == in_docs).astype(np.int32),
+        }
+
+
+@dataclasses.dataclass
+class Data:
+    train: PackedRows
+    eval: PackedRows | None
+    tokenizer_path: str
+    vocab_size: int
+
+
+def prepare(config: Config) -> Data:
+    """Reads the source, gets the tokenizer and token streams (cached) and checks them against the model."""
+    d = config.data
+    docs = corpus.documents(d.source)
+    train_docs, eval_docs = corpus.split(docs, d.eval_fraction)
+    sp, sp_path = tokenizer_lib.get(train_docs, config.model.vocab_size, d.tokenizer_type, d.tokenizer, d.cache_dir)
+    if sp.vocab_size() > config.model.vocab_size:
+        raise ConfigError(
+            f"tokenizer {sp_path} has {sp.vocab_size()} pieces but model.vocab_size={config.model.vocab_size}; "
+            f"set model.vocab_size={sp.vocab_size()}"
+        )
+    with open(sp_path, "rb") as f:
+        sp_hash = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = os.path.join(os.path.expanduser(d.cache_dir), "tokens")
+    key = f"{tokenizer_lib.corpus_hash(docs)}-{sp_hash}-{d.eval_fraction}"
+    train_stream = tokenize(train_docs, sp, os.path.join(cache, f"{key}-train.npz"))
+    eval_stream = tokenize(eval_docs, sp, os.path.join(cache, f"{key}-eval.npz")) if eval_docs else None
+    rows = PackedRows(train_stream, config.train.seq_len)
+    if len(rows) == 0:
+        raise ConfigError(f"data.source={d.source!r} has fewer than train.seq_len={config.train.seq_len} tokens")
+    eval_rows = PackedRows(eval_stream, config.train.seq_len) if eval_stream is not None else None
+    log.info("data: %d train rows of %d tokens (%d tokens), %d eval rows", len(rows), config.train.seq_len,
+             len(train_stream.tokens), len(eval_rows) if eval_rows else 0)
+    return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, sp_path, sp.vocab_size())
+
+
+def local_batch_size(global_batch: int) -> int:
+    count = jax.process_count()
+    if global_batch % count:
+        raise ConfigError(f"train.batch_size={global_batch} must be divisible by the {count} processes")
+    return global_batch // count
+
+
+def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int = 0):
+    """An endless, checkpointable iterator of this process's share of each global batch."""
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()  # reshuffled every epoch
+    ds = ds[jax.process_index() :: jax.process_count()].batch(local_batch_size(global_batch))
+    it_ds = ds.to_iter_dataset()
+    if workers:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it_ds)
+
+
+def eval_batches(rows: PackedRows, global_batch: int, num_batches: int) -> list[dict[str, np.ndarray]]:
+    """The same held-out batches at every evaluation: rows in order, wrapping around if too few."""
+    ds = grain.MapDataset.source(rows).repeat()
+    ds = ds[jax.process_index() :: jax.process_count()].batch(local_batch_size(global_batch))
+    return [ds[i] for i in range(num_batches)]

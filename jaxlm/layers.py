@@ -1,0 +1,93 @@
+"""Building blocks of the Transformer: RMSNorm, rotary embeddings and the SwiGLU MLP.
+
+Shape letters: B batch, T length, D model width, N query heads, K KV heads, H head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+
+
+def param_dtype(config: ModelConfig):
+    return jnp.dtype(config.param_dtype)
+
+
+def compute_dtype(config: ModelConfig):
+    return jnp.dtype(config.dtype)
+
+
+def weight(module: nn.Module, name: str, shape, names, config: ModelConfig, fan_in: int | None = None):
+    """A weight with logical axis names, initialised N(0, init_std) (scaled by fan-in when given)."""
+    std = config.init_std if fan_in is None else 1.0 / math.sqrt(fan_in)
+    init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
+    return module.param(name, init, shape, param_dtype(config))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies (H/2,), with LLaMA-3 scaling of the low frequencies when configured."""
+    h = config.resolved_head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if not config.rope_scaling_factor:
+        return inv
+    factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / inv
+    low_wavelen = config.rope_original_max_len / low
+    high_wavelen = config.rope_original_max_len / high
+    smooth = (config.rope_original_max_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv / factor + smooth * inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates (B, T, heads, H) by position, pairing dimension i with i + H/2 (the Hugging Face layout)."""
+    angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # (B, T, 1, H/2)
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        c = self.config
+        dt = compute_dtype(c)
+        gate_df = weight(self, "gate", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
+        up_df = weight(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
+        down_fd = weight(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), c)
+        x_btd = x_btd.astype(dt)
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, gate_df.astype(dt))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, up_df.astype(dt))
+        h_btf = nn.with_logical_constraint(
+            jax.nn.silu(gate_btf) * up_btf, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        return jnp.einsum("btf,fd->btd", h_btf, down_fd.astype(dt))

@@ -1,0 +1,149 @@
+"""A decoder-only Transformer of the LLaMA family (LLaMA 2/3, Mistral, Qwen2/Qwen3).
+
+Every parameter and main activation carries logical axis names; `jaxlm.sharding` maps them to the mesh.
+Shape letters: B batch, T length, S key length, D model width, N query heads, K KV heads, H head dim,
+V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+from jaxlm import attention
+from jaxlm.config import ModelConfig
+from jaxlm.layers import MLP, RMSNorm, apply_rope, compute_dtype, param_dtype, rope_frequencies, weight
+
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    impl: str  # a resolved kernel name: xla, cudnn or splash
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+        c = self.config
+        dt = compute_dtype(c)
+        h = c.resolved_head_dim
+        n, k = c.num_heads, c.num_kv_heads
+        q_dnh = weight(self, "q", (c.d_model, n, h), ("embed", "heads", "head_dim"), c)
+        k_dkh = weight(self, "k", (c.d_model, k, h), ("embed", "kv_heads", "head_dim"), c)
+        v_dkh = weight(self, "v", (c.d_model, k, h), ("embed", "kv_heads", "head_dim"), c)
+        o_nhd = weight(self, "o", (n, h, c.d_model), ("heads", "head_dim", "embed"), c)
+        x_btd = x_btd.astype(dt)
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, q_dnh.astype(dt))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, k_dkh.astype(dt))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, v_dkh.astype(dt))
+        if c.qkv_bias:
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
+            kv_zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "head_dim"))
+            q_btnh += self.param("q_bias", zeros, (n, h), param_dtype(c)).astype(dt)
+            k_btkh += self.param("k_bias", kv_zeros, (k, h), param_dtype(c)).astype(dt)
+            v_btkh += self.param("v_bias", kv_zeros, (k, h), param_dtype(c)).astype(dt)
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
+            q_btnh = RMSNorm(c.norm_eps, dt, param_dtype(c), name="q_norm")(q_btnh)
+            k_btkh = RMSNorm(c.norm_eps, dt, param_dtype(c), name="k_norm")(k_btkh)
+        inv_freq = rope_frequencies(c)
+        q_btnh = nn.with_logical_constraint(apply_rope(q_btnh, positions_bt, inv_freq), BTNH)
+        k_btkh = nn.with_logical_constraint(apply_rope(k_btkh, positions_bt, inv_freq), BTKH)
+        v_btkh = nn.with_logical_constraint(v_btkh, BTKH)
+        out_btnh = attention.attend(
+            q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
+        )
+        out_btnh = checkpoint_name(nn.with_logical_constraint(out_btnh, BTNH), "attention_out")
+        return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd.astype(dt))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. Returns (x, None) so that it can be the body of `nn.scan`."""
+
+    config: ModelConfig
+    impl: str
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+        c = self.config
+        dt = compute_dtype(c)
+        x_btd = nn.with_logical_constraint(x_btd, BTD)
+        h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="attn_norm")(x_btd)
+        x_btd = x_btd + Attention(c, self.impl, name="attn")(h_btd, positions_bt, segment_ids_bt)
+        h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="mlp_norm")(x_btd)
+        x_btd = x_btd + MLP(c, name="mlp")(h_btd)
+        return nn.with_logical_constraint(x_btd, BTD), None
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
+        """Returns float32 logits (B, T, V). Segment ids separate packed documents; 0 marks padding."""
+        c = self.config
+        dt = compute_dtype(c)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones_like(tokens_bt)
+        embed = nn.Embed(
+            c.vocab_size, c.d_model, dtype=dt, param_dtype=param_dtype(c),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed")),
+            name="embed",
+        )
+        x_btd = nn.with_logical_constraint(embed(tokens_bt), BTD)
+
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        if c.scan_layers:
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.impl, name="layers")
+            x_btd, _ = layers(x_btd, positions_bt, segment_ids_bt)
+        else:
+            for i in range(c.num_layers):
+                x_btd, _ = block(c, self.impl, name=f"layers_{i}")(x_btd, positions_bt, segment_ids_bt)
+
+        x_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="final_norm")(x_btd)
+        if c.tie_embeddings:
+            logits_btv = embed.attend(x_btd)
+        else:
+            head_dv = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), c)
+            logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(dt))
+        return nn.with_logical_constraint(
+            logits_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
+        )
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Converts scanned parameters (leading L axis under "layers") into unrolled `layers_{i}` entries."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """The inverse of `unstack_layers`."""
+    params = dict(params)
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return params
+
+
+def count_params(abstract_params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(abstract_params))

@@ -1,0 +1,193 @@
+"""Builds a Config from a preset, stacked config files and gin-like `section.field=value` overrides.
+
+Values are parsed with `ast.literal_eval` (never `eval`) and checked against the dataclass field types.
+An unknown key is an error that names the nearest valid key; a key given twice is an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import json
+import pathlib
+import tomllib
+import types
+import typing
+from typing import Any, Literal
+
+from jaxlm.config import Config, ConfigError, validate
+
+PRESET_PACKAGE = "configs"
+
+
+def all_keys(config: Config) -> dict[str, Any]:
+    """Maps every dotted key ("model.num_layers") to its field type."""
+    keys = {}
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if dataclasses.is_dataclass(value):
+            hints = typing.get_type_hints(type(value))
+            for field in dataclasses.fields(value):
+                keys[f"{section.name}.{field.name}"] = hints[field.name]
+        else:
+            keys[section.name] = typing.get_type_hints(Config)[section.name]
+    return keys
+
+
+def _nearest(key: str, keys) -> str:
+    match = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, tp, value: Any) -> Any:
+    """Returns `value` converted to field type `tp`, or raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        item_type = typing.get_args(tp)[0]
+        if isinstance(value, str):
+            value = (value,)
+        if isinstance(value, (list, tuple)):
+            return tuple(coerce(key, item_type, v) for v in value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def parse_literal(text: str, tp) -> Any:
+    """Parses the text of an override. Bare words are strings (so `optim.decay=linear` works)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if tp is str or typing.get_origin(tp) in (Literal, tuple):
+            return text
+        raise ConfigError(f"cannot parse {text!r} as a literal of type {_type_name(tp)}") from None
+
+
+def apply(config: Config, values: dict[str, Any]) -> Config:
+    """Applies already-parsed dotted values, type-checked, and returns the new config."""
+    keys = all_keys(config)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in keys:
+            raise ConfigError(f"unknown config key '{key}'{_nearest(key, keys)}")
+        value = coerce(key, keys[key], value)
+        if "." in key:
+            section, field = key.split(".", 1)
+            sections.setdefault(section, {})[field] = value
+        else:
+            top[key] = value
+    replaced = {name: dataclasses.replace(getattr(config, name), **f) for name, f in sections.items()}
+    return dataclasses.replace(config, **replaced, **top)
+
+
+def parse_overrides(config: Config, args: list[str]) -> dict[str, Any]:
+    keys = all_keys(config)
+    values: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override '{arg}' must look like section.field=value (e.g. model.num_layers=4)")
+        key, text = arg.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            raise ConfigError(f"unknown config key '{key}'{_nearest(key, keys)}")
+        if key in values:
+            raise ConfigError(f"config key '{key}' is given twice on the command line")
+        values[key] = parse_literal(text.strip(), keys[key])
+    return values
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _load_preset(ref: str) -> Config:
+    path = pathlib.Path(ref)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise ConfigError(f"config file {ref} does not exist")
+        spec = importlib.util.spec_from_file_location(f"_jaxlm_preset_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # a preset is the user's own code, like any training script
+    else:
+        try:
+            module = importlib.import_module(f"{PRESET_PACKAGE}.{ref}")
+        except ModuleNotFoundError:
+            raise ConfigError(f"unknown preset '{ref}'{_nearest(ref, list_presets())}") from None
+    if not isinstance(getattr(module, "config", None), types.FunctionType):
+        raise ConfigError(f"preset {ref} must define a function config() -> jaxlm.config.Config")
+    config = module.config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"preset {ref}: config() returned {type(config).__name__}, not Config")
+    return config
+
+
+def _load_data_file(path: pathlib.Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            return _flatten(tomllib.loads(path.read_text()))
+        return _flatten(json.loads(path.read_text()))
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+
+
+def list_presets() -> list[str]:
+    package = importlib.import_module(PRESET_PACKAGE)
+    return sorted(p.stem for p in pathlib.Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load(args: list[str]) -> Config:
+    """Builds the config from CLI words: [PRESET|FILE.py] [FILE.toml|FILE.json ...] [key=value ...].
+
+    Later files override earlier ones, and command-line overrides come last. A `config.json` saved by a
+    run is a valid stacked file, which is how a run is reproduced.
+    """
+    files = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    config = Config()
+    for i, ref in enumerate(files):
+        path = pathlib.Path(ref)
+        if path.suffix in (".toml", ".json"):
+            config = apply(config, _load_data_file(path))
+        elif i == 0:
+            config = _load_preset(ref)
+        else:
+            raise ConfigError(f"{ref}: only the first config may be a preset; stack .toml or .json files after it")
+    config = apply(config, parse_overrides(config, overrides))
+    return validate(config)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,246 @@
+"""`jaxlm train`: the pretraining entry point, top to bottom in the order the data flows.
+
+config -> multi-host setup -> mesh -> data -> model + optimizer -> sharded state -> restore -> compiled
+step -> loop with hooks (log, eval, checkpoint, profile) -> final checkpoint and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxlm import attention, distributed, flops, mesh as mesh_lib, optim, sharded_init
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import Config, ConfigError
+from jaxlm.data import pipeline
+from jaxlm.metrics import MetricsWriter
+from jaxlm.model import Transformer, count_params
+from jaxlm.overrides import to_dict
+from jaxlm.preemption import StopRequest
+from jaxlm.sharding import LOGICAL_AXIS_RULES, batch_divisor, global_batch
+from jaxlm.train_step import make_eval_step, make_train_step
+
+log = logging.getLogger("jaxlm.train")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def run_dir_of(config: Config) -> str:
+    return os.path.abspath(os.path.expanduser(config.train.run_dir.format(name=config.name)))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def train(config: Config) -> dict:
+    """Trains per `config`. Returns a summary (run_dir, final step, last losses)."""
+    run_dir = run_dir_of(config)
+    # 1. Multi-host runtime first: every later step may talk to other processes.
+    distributed.initialize()
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(config))
+
+    # 2. Mesh, and the batch layout it implies.
+    mesh = mesh_lib.make_mesh(config.mesh)
+    t = config.train
+    if (t.batch_size // config.optim.grad_accum) % batch_divisor(mesh):
+        raise ConfigError(
+            f"train.batch_size/optim.grad_accum={t.batch_size // config.optim.grad_accum} is not divisible "
+            f"by the {batch_divisor(mesh)}-way batch sharding (mesh data*fsdp*expert); change one of them"
+        )
+
+    # 3. Data: tokenizer, packed rows, and the checkpointable grain iterator.
+    data = pipeline.prepare(config)
+
+    # 4. Model and optimizer. The model speaks logical axis names; the rule table maps them to the mesh.
+    impl = attention.resolve(config.model.attention)
+    model = Transformer(config.model, impl)
+    params_shape = sharded_init.abstract_params(model)
+    tx = optim.build_optimizer(config.optim, t.steps, params_shape)
+    lr_schedule = optim.schedule(config.optim, t.steps)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        # 5. Sharded state: shapes first, then each device builds only its shard.
+        init = sharded_init.make_init_fn(model, tx, t.seed)
+        state, abstract = sharded_init.create(init, mesh)
+        log.info("mesh %s | %s parameters | attention %s", mesh_lib.describe(mesh),
+                 f"{count_params(params_shape):,}", impl)
+
+        # 6. Restore the latest complete checkpoint: state and data position together.
+        ckpt = Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), config.checkpoint)
+        start = 0
+        latest = ckpt.latest_step() if config.checkpoint.resume else None
+        if latest is not None:
+            del state  # free the fresh state before loading the saved one
+            state, data_state = ckpt.restore(latest, abstract)
+            start = int(state.step)
+            log.info("resumed from %s at step %d", ckpt.directory, start)
+        else:
+            data_state = None
+        batches = pipeline.train_iterator(data.train, t.batch_size, t.seed, config.data.workers)
+        # Step s always consumes batch s, so the position is the step whatever the process count was.
+        batches.set_state(data_state or {"next_index": start})
+
+        # 7. Compile once, with the state donated, and report its memory.
+        step_fn = make_train_step(model.apply, tx, config.optim.z_loss, config.optim.grad_accum, lr_schedule)
+        first = global_batch(next(batches), mesh)
+        compiled = jax.jit(step_fn, donate_argnums=0).lower(state, first).compile()
+        _log_memory(compiled)
+        eval_fn = jax.jit(make_eval_step(model.apply))
+        eval_set = (
+            [global_batch(b, mesh) for b in pipeline.eval_batches(data.eval, t.batch_size, t.eval_batches)]
+            if data.eval is not None and t.eval_batches else []
+        )
+
+        # 8. The loop. Metrics are fetched one step late, so the host never waits on the device.
+        loop = Loop(config, run_dir, ckpt, eval_fn, eval_set, mesh)
+        summary = loop.run(compiled, state, first, batches, start)
+    return summary
+
+
+def _log_memory(compiled) -> None:
+    try:
+        m = compiled.memory_analysis()
+        gib = 1 << 30
+        log.info("compiled step: arguments %.2f GiB, outputs %.2f GiB, temporaries %.2f GiB per device",
+                 m.argument_size_in_bytes / gib, m.output_size_in_bytes / gib, m.temp_size_in_bytes / gib)
+    except (AttributeError, NotImplementedError):  # some backends do not report memory
+        pass
+
+
+class Loop:
+    """Runs the steps and fires the hooks; holds the only mutable bookkeeping of a run."""
+
+    def __init__(self, config: Config, run_dir: str, ckpt: Checkpointer, eval_fn: Callable, eval_set: list, mesh):
+        self.config, self.run_dir, self.ckpt = config, run_dir, ckpt
+        self.eval_fn, self.eval_set, self.mesh = eval_fn, eval_set, mesh
+        self.writer = MetricsWriter(run_dir)
+        self.stop = StopRequest()
+        t = config.train
+        peak = t.peak_flops or flops.peak_flops_per_device()
+        self.peak_total = peak * jax.device_count()
+        self.flops_per_token = flops.flops_per_token(config.model, t.seq_len)
+        self.pending = None  # (step, device metrics) not yet read
+        self.window = {"tokens": 0.0, "loss": 0.0, "n": 0, "t0": time.perf_counter()}
+        self.last = {}
+        self.skipped = 0
+        self.read_step = 0
+
+    def run(self, step_fn, state, first_batch, batches, start: int) -> dict:
+        t = self.config.train
+        total = t.steps
+        bar = _progress(start, total, enabled=t.progress and jax.process_index() == 0)
+        self.stop.install()
+        step, batch = start, first_batch
+        profiling = False
+        try:
+            while step < total:
+                if t.profile_start and step == t.profile_start:
+                    jax.profiler.start_trace(os.path.join(self.run_dir, "profile"))
+                    profiling = True
+                state, metrics = step_fn(state, batch)
+                self._read_pending()  # the previous step's metrics; this step is already queued
+                step += 1
+                self.pending = (step, metrics)
+                if profiling and step >= t.profile_start + t.profile_steps:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                if step % t.log_every == 0 or step == total:
+                    if step == total:
+                        self._read_pending()
+                    self._log(bar, step)
+                if self.eval_set and (step % t.eval_every == 0 or step == total):
+                    self._evaluate(state, step)
+                if step % self.config.checkpoint.every == 0 or step == total or self.stop.requested:
+                    self._read_pending()  # never checkpoint past a step we have not checked
+                    self.ckpt.save(step, state, batches.get_state(), to_dict(self.config), force=True)
+                if self.stop.requested:
+                    log.warning("stopped by %s after step %d; checkpoint saved", self.stop.signal, step)
+                    break
+                if step < total:
+                    batch = global_batch(next(batches), self.mesh)
+            self._read_pending()
+        finally:
+            self.stop.uninstall()
+            if profiling:
+                jax.profiler.stop_trace()
+            bar.close()
+            self.ckpt.close()
+            self.writer.close()
+        return {"run_dir": self.run_dir, "step": step, "skipped": self.skipped, **self.last,
+                "checkpoints": self.ckpt.directory, "stopped_by": self.stop.signal}
+
+    def _read_pending(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        self.read_step = step
+        m = jax.device_get(metrics)
+        if not bool(m["finite"]):
+            if self.config.train.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, "
+                    f"grad_norm={float(m['grad_norm'])}); the update was not applied and not checkpointed. "
+                    f"Lower optim.lr, or set train.on_nonfinite=skip"
+                )
+            self.skipped += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+            return
+        w = self.window
+        w["tokens"] += float(m["tokens"])
+        w["loss"] += float(m["loss"])
+        w["n"] += 1
+        self.last = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m.get("lr", 0.0))}
+
+    def _log(self, bar, dispatched: int) -> None:
+        """Logs the steps read so far (up to one behind `dispatched`, so that logging never waits)."""
+        w, step = self.window, self.read_step
+        bar.update(dispatched - bar.n)
+        if not w["n"]:
+            return
+        elapsed = time.perf_counter() - w["t0"]
+        tokens_per_s = w["tokens"] / elapsed
+        mfu = tokens_per_s * self.flops_per_token / self.peak_total
+        loss = w["loss"] / w["n"]
+        self.writer.write(step, {
+            "train/loss": loss, "train/grad_norm": self.last["grad_norm"], "train/lr": self.last["lr"],
+            "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu, "train/skipped_steps": self.skipped,
+        })
+        bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
+        self.window = {"tokens": 0.0, "loss": 0.0, "n": 0, "t0": time.perf_counter()}
+
+    def _evaluate(self, state, step: int) -> None:
+        nll, tokens = 0.0, 0.0
+        for batch in self.eval_set:
+            m = jax.device_get(self.eval_fn(state.params, batch))
+            nll += float(m["nll"])
+            tokens += float(m["tokens"])
+        loss = nll / max(tokens, 1.0)
+        self.last["eval_loss"] = loss
+        self.writer.write(step, {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))})
+        log.info("step %d: eval loss %.4f", step, loss)
+        # Evaluation time is not training throughput.
+        self.window["t0"] = time.perf_counter()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0)
