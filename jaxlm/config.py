@@ -108,7 +108,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # length of the run (and of the LR schedule)
+    stop_at: int = 0  # checkpoint and exit after this step, to be resumed later; 0 runs to the end
     batch_size: int = 16  # global, in sequences
     seq_len: int = 256
     seed: int = 0

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
+from jaxlm.sharding import constrain
 
 
 def param_dtype(config: ModelConfig):
@@ -87,7 +88,7 @@ class MLP(nn.Module):
         x_btd = x_btd.astype(dt)
         gate_btf = jnp.einsum("btd,df->btf", x_btd, gate_df.astype(dt))
         up_btf = jnp.einsum("btd,df->btf", x_btd, up_df.astype(dt))
-        h_btf = nn.with_logical_constraint(
+        h_btf = constrain(
             jax.nn.silu(gate_btf) * up_btf, ("activation_batch", "activation_length", "activation_mlp")
         )
         return jnp.einsum("btf,fd->btd", h_btf, down_fd.astype(dt))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxlm import attention
 from jaxlm.config import ModelConfig
+from jaxlm.sharding import constrain
 from jaxlm.layers import MLP, RMSNorm, apply_rope, compute_dtype, param_dtype, rope_frequencies, weight
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
@@ -56,13 +57,13 @@ class Attention(nn.Module):
             q_btnh = RMSNorm(c.norm_eps, dt, param_dtype(c), name="q_norm")(q_btnh)
             k_btkh = RMSNorm(c.norm_eps, dt, param_dtype(c), name="k_norm")(k_btkh)
         inv_freq = rope_frequencies(c)
-        q_btnh = nn.with_logical_constraint(apply_rope(q_btnh, positions_bt, inv_freq), BTNH)
-        k_btkh = nn.with_logical_constraint(apply_rope(k_btkh, positions_bt, inv_freq), BTKH)
-        v_btkh = nn.with_logical_constraint(v_btkh, BTKH)
+        q_btnh = constrain(apply_rope(q_btnh, positions_bt, inv_freq), BTNH)
+        k_btkh = constrain(apply_rope(k_btkh, positions_bt, inv_freq), BTKH)
+        v_btkh = constrain(v_btkh, BTKH)
         out_btnh = attention.attend(
             q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
         )
-        out_btnh = checkpoint_name(nn.with_logical_constraint(out_btnh, BTNH), "attention_out")
+        out_btnh = checkpoint_name(constrain(out_btnh, BTNH), "attention_out")
         return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd.astype(dt))
 
 
@@ -76,12 +77,12 @@ class Block(nn.Module):
     def __call__(self, x_btd, positions_bt, segment_ids_bt):
         c = self.config
         dt = compute_dtype(c)
-        x_btd = nn.with_logical_constraint(x_btd, BTD)
+        x_btd = constrain(x_btd, BTD)
         h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="attn_norm")(x_btd)
         x_btd = x_btd + Attention(c, self.impl, name="attn")(h_btd, positions_bt, segment_ids_bt)
         h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="mlp_norm")(x_btd)
         x_btd = x_btd + MLP(c, name="mlp")(h_btd)
-        return nn.with_logical_constraint(x_btd, BTD), None
+        return constrain(x_btd, BTD), None
 
 
 class Transformer(nn.Module):
@@ -102,7 +103,7 @@ class Transformer(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed")),
             name="embed",
         )
-        x_btd = nn.with_logical_constraint(embed(tokens_bt), BTD)
+        x_btd = constrain(embed(tokens_bt), BTD)
 
         block = Block
         if c.remat != "none":
@@ -123,7 +124,7 @@ class Transformer(nn.Module):
         else:
             head_dv = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), c)
             logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(dt))
-        return nn.with_logical_constraint(
+        return constrain(
             logits_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
         )
 

@@ -37,7 +37,20 @@ def all_keys(config: Config) -> dict[str, Any]:
     return keys
 
 
+# Names users bring from Hugging Face configs or other trainers.
+ALIASES = {
+    "learning_rate": "lr", "hidden_size": "d_model", "n_embd": "d_model", "num_hidden_layers": "num_layers",
+    "n_layers": "num_layers", "n_layer": "num_layers", "intermediate_size": "mlp_dim",
+    "num_attention_heads": "num_heads", "n_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+    "batch": "batch_size", "global_batch_size": "batch_size", "max_steps": "steps", "seed": "seed",
+}
+
+
 def _nearest(key: str, keys) -> str:
+    section, _, field = key.rpartition(".")
+    alias = f"{section}.{ALIASES.get(field, field)}" if section else ALIASES.get(field, field)
+    if alias in keys:
+        return f"; did you mean '{alias}'?"
     match = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.0)
     return f"; did you mean '{match[0]}'?" if match else ""
 
@@ -77,14 +90,14 @@ def coerce(key: str, tp, value: Any) -> Any:
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
 
 
-def parse_literal(text: str, tp) -> Any:
+def parse_literal(key: str, text: str, tp) -> Any:
     """Parses the text of an override. Bare words are strings (so `optim.decay=linear` works)."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if tp is str or typing.get_origin(tp) in (Literal, tuple):
             return text
-        raise ConfigError(f"cannot parse {text!r} as a literal of type {_type_name(tp)}") from None
+        raise ConfigError(f"{key}={text} cannot be parsed: expected a literal of type {_type_name(tp)}") from None
 
 
 def apply(config: Config, values: dict[str, Any]) -> Config:
@@ -117,7 +130,7 @@ def parse_overrides(config: Config, args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"unknown config key '{key}'{_nearest(key, keys)}")
         if key in values:
             raise ConfigError(f"config key '{key}' is given twice on the command line")
-        values[key] = parse_literal(text.strip(), keys[key])
+        values[key] = parse_literal(key, text.strip(), keys[key])
     return values
 
 
@@ -183,6 +196,8 @@ def load(args: list[str]) -> Config:
             config = apply(config, _load_data_file(path))
         elif i == 0:
             config = _load_preset(ref)
+        elif ref.split(".")[0] in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"override '{ref}' must look like section.field=value (e.g. model.num_layers=4)")
         else:
             raise ConfigError(f"{ref}: only the first config may be a preset; stack .toml or .json files after it")
     config = apply(config, parse_overrides(config, overrides))

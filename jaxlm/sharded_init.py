@@ -55,4 +55,4 @@ def create(init: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, Trai
     """Returns (state, abstract state) with every array of the state born on its own shards."""
     abstract = abstract_state(init, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)(), abstract
+    return jax.jit(lambda: strip_boxes(init()), out_shardings=shardings)(), abstract

@@ -61,6 +61,18 @@ def logical_sharding(names: tuple[str | None, ...], shape: tuple[int, ...], mesh
     return NamedSharding(mesh, _fit(spec, shape, mesh))
 
 
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding by logical names, under the mesh set with `jax.set_mesh`.
+
+    Without a mesh (plain single-device use) it does nothing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = _fit(nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def tree_shardings(abstract_tree, mesh: Mesh):
     """Shardings for a pytree of (possibly `nn.LogicallyPartitioned`) ShapeDtypeStructs.
 

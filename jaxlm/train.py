@@ -12,7 +12,6 @@ import os
 import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -24,7 +23,7 @@ from jaxlm.metrics import MetricsWriter
 from jaxlm.model import Transformer, count_params
 from jaxlm.overrides import to_dict
 from jaxlm.preemption import StopRequest
-from jaxlm.sharding import LOGICAL_AXIS_RULES, batch_divisor, global_batch
+from jaxlm.sharding import batch_divisor, global_batch
 from jaxlm.train_step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxlm.train")
@@ -74,7 +73,7 @@ def train(config: Config) -> dict:
     tx = optim.build_optimizer(config.optim, t.steps, params_shape)
     lr_schedule = optim.schedule(config.optim, t.steps)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh):
         # 5. Sharded state: shapes first, then each device builds only its shard.
         init = sharded_init.make_init_fn(model, tx, t.seed)
         state, abstract = sharded_init.create(init, mesh)
@@ -161,21 +160,22 @@ class Loop:
                     jax.block_until_ready(state)
                     jax.profiler.stop_trace()
                     profiling = False
-                if step % t.log_every == 0 or step == total:
-                    if step == total:
-                        self._read_pending()
+                if step % t.log_every == 0:
                     self._log(bar, step)
                 if self.eval_set and (step % t.eval_every == 0 or step == total):
                     self._evaluate(state, step)
+                if step == t.stop_at and not self.stop.requested:
+                    self.stop.signal = f"train.stop_at={t.stop_at}"
                 if step % self.config.checkpoint.every == 0 or step == total or self.stop.requested:
                     self._read_pending()  # never checkpoint past a step we have not checked
                     self.ckpt.save(step, state, batches.get_state(), to_dict(self.config), force=True)
                 if self.stop.requested:
-                    log.warning("stopped by %s after step %d; checkpoint saved", self.stop.signal, step)
+                    log.info("stopped by %s after step %d; checkpoint saved", self.stop.signal, step)
                     break
                 if step < total:
                     batch = global_batch(next(batches), self.mesh)
             self._read_pending()
+            self._log(bar, step)
         finally:
             self.stop.uninstall()
             if profiling:
