@@ -38,7 +38,11 @@ def schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
         after = optax.linear_schedule(config.lr, end, decay_steps)
     else:
         after = optax.constant_schedule(config.lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, config.lr, warmup), after], [warmup])
+    if not warmup:
+        return after
+    # Warmup reaches lr/warmup at step 0 (not 0, which would waste the first step) and lr at warmup-1.
+    ramp = optax.linear_schedule(config.lr / warmup, config.lr, warmup - 1)
+    return optax.join_schedules([ramp, after], [warmup])
 
 
 def build_optimizer(

@@ -113,17 +113,25 @@ def prepare(config: Config) -> Data:
     return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, sp_path, sp.vocab_size())
 
 
-def local_batch_size(global_batch: int) -> int:
-    count = jax.process_count()
+def local_batch_size(global_batch: int, count: int | None = None) -> int:
+    count = jax.process_count() if count is None else count
     if global_batch % count:
         raise ConfigError(f"train.batch_size={global_batch} must be divisible by the {count} processes")
     return global_batch // count
 
 
-def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int = 0):
-    """An endless, checkpointable iterator of this process's share of each global batch."""
-    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()  # reshuffled every epoch
-    ds = ds[jax.process_index() :: jax.process_count()].batch(local_batch_size(global_batch))
+def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int = 0,
+                   process: tuple[int, int] | None = None):
+    """An endless, checkpointable iterator of this process's share of each global batch.
+
+    `process` is (index, count), by default this process's place in the JAX runtime.
+    """
+    index, count = process or (jax.process_index(), jax.process_count())
+    # Reshuffled every epoch. A finite (if astronomically long) repeat, because grain's iterator calls
+    # len() and an infinite dataset's sys.maxsize length overflows it when the local batch is 1.
+    epochs = max(1, (1 << 50) // max(len(rows), 1))
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(num_epochs=epochs)
+    ds = ds[index::count].batch(local_batch_size(global_batch, count))
     it_ds = ds.to_iter_dataset()
     if workers:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
