@@ -39,6 +39,12 @@ def parse_type(accel: str) -> tuple[str, int]:
     return gen, int(size)
 
 
+def gcloud_type(accel: str) -> str:
+    """gcloud knows v5e slices only by their product name, v5litepod-N."""
+    gen, n = parse_type(accel)
+    return f"v5litepod-{n}" if gen == "v5e" else accel
+
+
 def num_hosts(accel: str) -> int:
     """Number of TPU VM workers (hosts) in a slice of the given accelerator type.
 
@@ -85,8 +91,8 @@ def cmd_create(args):
         # eventually creates gets the same name, so the other subcommands work on it.
         return [["gcloud", "compute", "tpus", "queued-resources", "create", args.name,
                  f"--node-id={args.name}", f"--zone={args.zone}", f"--project={args.project}",
-                 f"--accelerator-type={args.type}", f"--runtime-version={runtime}", *spot]]
-    return [tpu_vm("create", args.name, args, f"--accelerator-type={args.type}",
+                 f"--accelerator-type={gcloud_type(args.type)}", f"--runtime-version={runtime}", *spot]]
+    return [tpu_vm("create", args.name, args, f"--accelerator-type={gcloud_type(args.type)}",
                    f"--version={runtime}", *spot)]
 
 
