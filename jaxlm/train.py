@@ -207,7 +207,7 @@ class Loop:
         w["tokens"] += float(m["tokens"])
         w["loss"] += float(m["loss"])
         w["n"] += 1
-        self.last = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(m.get("lr", 0.0))}
+        self.last.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m.get("lr", 0.0)))
 
     def _log(self, bar, dispatched: int) -> None:
         """Logs the steps read so far (up to one behind `dispatched`, so that logging never waits)."""

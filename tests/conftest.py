@@ -23,7 +23,7 @@ def small_config(**model) -> Config:
     return Config(
         model=ModelConfig(**fields),
         mesh=MeshConfig(),
-        optim=OptimConfig(lr=1e-2, warmup_steps=1),
+        optim=OptimConfig(lr=1e-2, warmup_steps=1, eps=1e-6),
         train=TrainConfig(steps=4, batch_size=8, seq_len=16),
     )
 

@@ -64,7 +64,9 @@ def test_sharded_loss_and_gradients_equal_single_device(mesh_name):
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)  # loss
     np.testing.assert_allclose(got[2], ref[2], rtol=1e-6)  # loss reported by train_step
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got[1], ref[1])  # grads
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got[3], ref[3])  # params
+    # Params after one Adam step. Adam divides by |g|, which amplifies float32 noise in near-zero gradients,
+    # so parameters are compared to a thousandth of the step size (lr = 1e-2).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), got[3], ref[3])
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -76,7 +78,7 @@ def test_gradient_accumulation_equals_full_batch():
     MESHES["fsdp4"] = (MeshConfig(fsdp=4), 4)
     got = _one_step(accum, "fsdp4", batch)
     np.testing.assert_allclose(got[2], full[2], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got[3], full[3])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), got[3], full[3])
 
 
 def test_params_are_really_sharded():
