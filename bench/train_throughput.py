@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("config", nargs="*", help="one config (preset + overrides); default: tiny and bench_18m")
     parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
     parser.add_argument("--windows", type=int, default=5, help="timing windows; the median is reported")
+    parser.add_argument("--torch", action="store_true",
+                        help="also run the PyTorch eager reference (HF Llama + AdamW) on each shape, same run")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -111,6 +113,17 @@ def main() -> None:
         print(f"{r['config']:<28} {r['params']:>10,} {r['tokens_per_step']:>8} {r['step_s'] * 1e3:>8.1f} "
               f"{r['tokens_per_s']:>9,.0f} {r['mfu_vs_185']:>8.1%} {r['mfu_vs_measured']:>8.1%} "
               f"{r['matmul_peak_gflops']:>11.1f} {r['peak_rss_mib']:>12,.0f}")
+        if args.torch:
+            ref = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "torch_reference.py"),
+                                  "--steps", str(args.steps), "--windows", str(args.windows), *words],
+                                 capture_output=True, text=True)
+            if ref.returncode:
+                print(f"  torch reference failed: {ref.stderr.strip().splitlines()[-1:]}")
+                continue
+            t = json.loads(ref.stdout.strip().splitlines()[-1])
+            print(f"  torch eager (HF Llama + AdamW): {t['tokens_per_s']:,.0f} tokens/s, step "
+                  f"{t['step_s'] * 1e3:.1f} ms, peak RSS {t['peak_rss_mib']:,.0f} MiB -> jaxlm is "
+                  f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

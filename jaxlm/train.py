@@ -91,6 +91,11 @@ def train(config: Config) -> dict:
             log.info("resumed from %s at step %d", ckpt.directory, start)
         else:
             data_state = None
+        if start >= t.steps:
+            log.info("the run is already complete at step %d (train.steps=%d); raise train.steps to go on",
+                     start, t.steps)
+            ckpt.close()
+            return {"run_dir": run_dir, "step": start, "checkpoints": ckpt.directory, "stopped_by": None}
         batches = pipeline.train_iterator(data.train, t.batch_size, t.seed, config.data.workers)
         # Step s always consumes batch s, so the position is the step whatever the process count was.
         batches.set_state(data_state or {"next_index": start})

@@ -73,7 +73,8 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path, cache_dir):
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, cache_dir):
     run = tmp_path / "run"
-    proc = jaxlm_train(SMALL + ["train.steps=100000", "checkpoint.every=100000"], run, cache_dir, wait=False)
+    proc = jaxlm_train(SMALL + ["train.steps=100000", "checkpoint.every=100000", "train.profile_start=1",
+                                "train.profile_steps=1"], run, cache_dir, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and len(losses(run) if (run / "metrics.jsonl").exists() else {}) < 2:
         time.sleep(0.2)
@@ -85,6 +86,11 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, cache_dir):
     assert len(steps) == 1 and steps[0] >= 2
     # The checkpoint is complete: it restores, and a rerun resumes from it.
     assert int(saved_state(run, steps[0])["step"]) == steps[0]
+    # The profiler hook wrote a trace of step 2.
+    assert any(f.endswith(".xplane.pb") for _, _, files in os.walk(run / "profile") for f in files)
+    # Running the same command again resumes from that checkpoint.
+    again = jaxlm_train(SMALL + [f"train.steps={steps[0] + 1}", "checkpoint.every=100000"], run, cache_dir)
+    assert again.returncode == 0 and f"at step {steps[0]}" in again.stderr, again.stderr
 
 
 KILL_MID_SAVE = """

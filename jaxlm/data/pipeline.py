@@ -120,6 +120,12 @@ def local_batch_size(global_batch: int, count: int | None = None) -> int:
     return global_batch // count
 
 
+def _endless(ds: grain.MapDataset) -> grain.MapDataset:
+    """Repeats for about 2**50 rows: finite, because grain's iterator calls len() and the sys.maxsize
+    length of an infinite repeat overflows it when the local batch is 1."""
+    return ds.repeat(num_epochs=max(1, (1 << 50) // max(len(ds), 1)))
+
+
 def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int = 0,
                    process: tuple[int, int] | None = None):
     """An endless, checkpointable iterator of this process's share of each global batch.
@@ -127,10 +133,7 @@ def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int 
     `process` is (index, count), by default this process's place in the JAX runtime.
     """
     index, count = process or (jax.process_index(), jax.process_count())
-    # Reshuffled every epoch. A finite (if astronomically long) repeat, because grain's iterator calls
-    # len() and an infinite dataset's sys.maxsize length overflows it when the local batch is 1.
-    epochs = max(1, (1 << 50) // max(len(rows), 1))
-    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(num_epochs=epochs)
+    ds = _endless(grain.MapDataset.source(rows).shuffle(seed=seed))  # reshuffled every epoch
     ds = ds[index::count].batch(local_batch_size(global_batch, count))
     it_ds = ds.to_iter_dataset()
     if workers:
@@ -140,6 +143,6 @@ def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int 
 
 def eval_batches(rows: PackedRows, global_batch: int, num_batches: int) -> list[dict[str, np.ndarray]]:
     """The same held-out batches at every evaluation: rows in order, wrapping around if too few."""
-    ds = grain.MapDataset.source(rows).repeat()
+    ds = _endless(grain.MapDataset.source(rows))
     ds = ds[jax.process_index() :: jax.process_count()].batch(local_batch_size(global_batch))
     return [ds[i] for i in range(num_batches)]
