@@ -30,6 +30,17 @@ def weight(module: nn.Module, name: str, shape, names, config: ModelConfig, fan_
     return module.param(name, init, shape, param_dtype(config))
 
 
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """Contracts the last `n_in` dims of x with the first `n_in` of w, as one 2-D matmul.
+
+    Same result as the einsum; XLA:CPU runs the flattened 2-D form about 1.5x faster, most of all in the
+    backward pass, where the einsum's weight gradient contracts over two (batch, length) dims.
+    """
+    k = math.prod(w.shape[:n_in])
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
@@ -86,9 +97,9 @@ class MLP(nn.Module):
         up_df = weight(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
         down_fd = weight(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), c)
         x_btd = x_btd.astype(dt)
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, gate_df.astype(dt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, up_df.astype(dt))
+        gate_btf = dense(x_btd, gate_df.astype(dt))
+        up_btf = dense(x_btd, up_df.astype(dt))
         h_btf = constrain(
             jax.nn.silu(gate_btf) * up_btf, ("activation_batch", "activation_length", "activation_mlp")
         )
-        return jnp.einsum("btf,fd->btd", h_btf, down_fd.astype(dt))
+        return dense(h_btf, down_fd.astype(dt))

