@@ -1,4 +1,4 @@
-"""CPU quickstart: a 6M-parameter LLaMA-style model on the King James Bible, about 6 minutes on 2 CPU cores."""
+"""CPU quickstart: a 6M-parameter LLaMA-style model on the King James Bible, about 5 minutes on 2 CPU cores."""
 
 from jaxlm.config import CheckpointConfig, Config, ModelConfig, OptimConfig, TrainConfig
 

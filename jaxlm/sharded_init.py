@@ -51,8 +51,13 @@ def abstract_state(init: Callable[[], TrainState], mesh: Mesh) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), strip_boxes(boxed), shardings)
 
 
-def create(init: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
-    """Returns (state, abstract state) with every array of the state born on its own shards."""
-    abstract = abstract_state(init, mesh)
+def materialize(init: Callable[[], TrainState], abstract: TrainState) -> TrainState:
+    """Runs `init` with every array of the state born on its own shards, as `abstract` lays them out."""
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(lambda: strip_boxes(init()), out_shardings=shardings)(), abstract
+    return jax.jit(lambda: strip_boxes(init()), out_shardings=shardings)()
+
+
+def create(init: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """Returns (state, abstract state)."""
+    abstract = abstract_state(init, mesh)
+    return materialize(init, abstract), abstract

@@ -199,3 +199,7 @@ def test_tiny_preset_learns_the_bible(tmp_path):
     assert proc.returncode == 0, proc.stderr
     eval_loss = float(proc.stdout.split("eval loss ")[1].split()[0])
     assert eval_loss < 5.5, proc.stdout
+    # Throughput windows exclude evaluation, so MFU stays a fraction of the peak throughout.
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        mfus = [json.loads(line)["perf/mfu"] for line in f if "perf/mfu" in line]
+    assert mfus and all(0 < m < 1 for m in mfus), mfus
