@@ -119,29 +119,30 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, interpret: b
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
-def attend(q, k, v, segment_ids, *, impl: str, sliding_window: int = 0, mesh=None):
+def attend(q, k, v, segment_ids, *, impl: str, sliding_window: int = 0, interpret: bool = False):
+    """`interpret` runs the splash kernel through the Pallas interpreter (CPU tests)."""
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids, sliding_window)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids, sliding_window)
     if impl == "splash":
-        return _sharded_splash(q, k, v, segment_ids, sliding_window)
+        return _sharded_splash(q, k, v, segment_ids, sliding_window, interpret)
     raise ConfigError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
-def _sharded_splash(q, k, v, segment_ids, sliding_window):
+def _sharded_splash(q, k, v, segment_ids, sliding_window, interpret=False):
     """Runs splash per device: batch over the batch axes, heads over tensor, full sequence local."""
     from jax.sharding import PartitionSpec as P
 
     from jaxlm.sharding import BATCH_AXES
 
+    fn = functools.partial(splash_attention, sliding_window=sliding_window, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return splash_attention(q, k, v, segment_ids, sliding_window)
+        return fn(q, k, v, segment_ids)
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
     heads = "tensor" if mesh.shape["tensor"] > 1 and k.shape[2] % mesh.shape["tensor"] == 0 else None
     qkv_spec = P(batch, None, heads, None)
-    fn = functools.partial(splash_attention, sliding_window=sliding_window)
     return jax.shard_map(
         fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)), out_specs=qkv_spec,
         check_vma=False,

@@ -95,9 +95,10 @@ def train(config: Config) -> dict:
                      start, t.steps)
             ckpt.close()
             return {"run_dir": run_dir, "step": start, "checkpoints": ckpt.directory, "stopped_by": None}
-        batches = pipeline.train_iterator(data.train, t.batch_size, t.seed, config.data.workers)
-        # Step s always consumes batch s, so the position is the step whatever the process count was.
-        batches.set_state(data_state or {"next_index": start})
+        # Step s always reads batch s, so without a usable saved position (none yet, or written by a
+        # different number of processes) the step itself is the position.
+        batches = pipeline.BatchIterator(data.train, t.batch_size, t.seed, config.data.workers,
+                                         start=start, saved=data_state)
 
         # 7. Compile once, with the state donated, and report its memory.
         step_fn = make_train_step(model.apply, tx, config.optim.z_loss, config.optim.grad_accum, lr_schedule)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxlm.data import corpus
-from jaxlm.data.pipeline import PackedRows, TokenStream, train_iterator
+from jaxlm.data.pipeline import BatchIterator, PackedRows, TokenStream
 
 
 def _stream(doc_lengths, seed=0):
@@ -35,41 +35,41 @@ def test_packed_rows_positions_segments_and_mask():
 def test_every_token_is_seen_once_per_epoch():
     stream = _stream([50, 31, 77, 40, 9, 100])
     rows = PackedRows(stream, seq_len=16)
-    it = train_iterator(rows, global_batch=1, seed=3)
+    it = BatchIterator(rows, global_batch=1, seed=3)
     seen = np.concatenate([next(it)["inputs"].reshape(-1) for _ in range(len(rows))])
     expected = stream.tokens[: len(rows) * 16]
     assert sorted(seen.tolist()) == sorted(expected.tolist())
 
 
-def test_iterator_is_deterministic_and_resumes_exactly():
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_is_deterministic_and_resumes_exactly(workers):
     rows = PackedRows(_stream([30] * 40), seq_len=8)
-    a = train_iterator(rows, 4, seed=7)
+    a = BatchIterator(rows, 4, seed=7, workers=workers)
     first = [next(a)["inputs"] for _ in range(5)]
     state = a.get_state()
     rest = [next(a)["inputs"] for _ in range(5)]
-    b = train_iterator(rows, 4, seed=7)
-    assert all(np.array_equal(x, next(b)["inputs"]) for x in first)
-    c = train_iterator(rows, 4, seed=7)
-    c.set_state(state)
-    assert all(np.array_equal(x, next(c)["inputs"]) for x in rest)
-    d = train_iterator(rows, 4, seed=8)
-    assert not all(np.array_equal(x, next(d)["inputs"]) for x in first)
+    plain = BatchIterator(rows, 4, seed=7)  # worker processes change nothing in the data
+    assert all(np.array_equal(x, next(plain)["inputs"]) for x in first + rest)
+    resumed = BatchIterator(rows, 4, seed=7, workers=workers, saved=state)
+    assert all(np.array_equal(x, next(resumed)["inputs"]) for x in rest)
+    by_step = BatchIterator(rows, 4, seed=7, workers=1 - min(workers, 1), start=5, saved=state)  # other layout
+    assert all(np.array_equal(x, next(by_step)["inputs"]) for x in rest)
+    other_seed = BatchIterator(rows, 4, seed=8)
+    assert not all(np.array_equal(x, next(other_seed)["inputs"]) for x in first)
 
 
 @pytest.mark.parametrize("count", [2, 4])
 def test_global_batch_does_not_depend_on_process_count(count):
     """Step s consumes the same rows whether one process or `count` processes read them."""
     rows = PackedRows(_stream([25] * 60), seq_len=8)
-    single = train_iterator(rows, 8, seed=1, process=(0, 1))
-    shards = [train_iterator(rows, 8, seed=1, process=(p, count)) for p in range(count)]
+    single = BatchIterator(rows, 8, seed=1, process=(0, 1))
+    shards = [BatchIterator(rows, 8, seed=1, process=(p, count)) for p in range(count)]
     for step in range(6):
         whole = {tuple(r) for r in next(single)["inputs"]}
         parts = {tuple(r) for s in shards for r in next(s)["inputs"]}
         assert whole == parts, step
-    # Resuming with a different process count: the position is the step on every process.
-    resumed = [train_iterator(rows, 8, seed=1, process=(p, 2)) for p in range(2)]
-    for it in resumed:
-        it.set_state({"next_index": 6})
+    # Resuming with a different process count: every process starts at the step.
+    resumed = [BatchIterator(rows, 8, seed=1, process=(p, 2), start=6) for p in range(2)]
     assert {tuple(r) for it in resumed for r in next(it)["inputs"]} == {tuple(r) for r in next(single)["inputs"]}
 
 

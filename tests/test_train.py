@@ -203,3 +203,15 @@ def test_tiny_preset_learns_the_bible(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         mfus = [json.loads(line)["perf/mfu"] for line in f if "perf/mfu" in line]
     assert mfus and all(0 < m < 1 for m in mfus), mfus
+
+
+def test_checkpoint_keeps_last_n_and_every_k(tmp_path):
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.config import CheckpointConfig
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig(keep_last=2, keep_every=3, async_save=True))
+    for step in range(1, 8):
+        ckpt.save(step, {"w": jnp.full((2,), float(step))}, {"start": 0}, {"step": step}, force=True)
+    ckpt.close()
+    assert sorted(int(d) for d in os.listdir(tmp_path / "ckpt") if d.isdigit()) == [3, 6, 7]
+    assert Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig()).saved_config(6) == {"step": 6}

@@ -7,7 +7,7 @@ the target belongs to another document.
 
 The global order of rows depends only on the seed, never on the number of processes: process p of P
 takes rows p, p+P, p+2P, ... of the shuffled stream, so step s always consumes global rows
-[s*B, (s+1)*B). The grain iterator state is therefore {"next_index": step} on every process.
+[s*B, (s+1)*B), and the step alone fixes where the iterator must be.
 """
 
 from __future__ import annotations
@@ -126,19 +126,44 @@ def _endless(ds: grain.MapDataset) -> grain.MapDataset:
     return ds.repeat(num_epochs=max(1, (1 << 50) // max(len(ds), 1)))
 
 
-def train_iterator(rows: PackedRows, global_batch: int, seed: int, workers: int = 0,
-                   process: tuple[int, int] | None = None):
-    """An endless, checkpointable iterator of this process's share of each global batch.
+class BatchIterator:
+    """This process's share of each global batch, from step `start` on, endlessly.
 
-    `process` is (index, count), by default this process's place in the JAX runtime.
+    Its state is grain's iterator state plus where the iterator began. A saved state is used as is when it
+    was written with the same number of grain workers (grain's state layout depends on it); otherwise the
+    iterator starts at `start`, which is always right because step s reads batch s.
     """
-    index, count = process or (jax.process_index(), jax.process_count())
-    ds = _endless(grain.MapDataset.source(rows).shuffle(seed=seed))  # reshuffled every epoch
-    ds = ds[index::count].batch(local_batch_size(global_batch, count))
-    it_ds = ds.to_iter_dataset()
-    if workers:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it_ds)
+
+    def __init__(self, rows: PackedRows, global_batch: int, seed: int, workers: int = 0,
+                 process: tuple[int, int] | None = None, start: int = 0, saved: dict | None = None):
+        if saved is not None and saved.get("workers") != workers:
+            log.info("data state was saved with %s grain workers, now %d: positioning by step",
+                     saved.get("workers"), workers)
+            saved = None
+        self.start = saved["start"] if saved else start
+        self.workers = workers
+        index, count = process or (jax.process_index(), jax.process_count())
+        ds = _endless(grain.MapDataset.source(rows).shuffle(seed=seed))  # reshuffled every epoch
+        ds = ds[index::count].batch(local_batch_size(global_batch, count))[self.start :]
+        it_ds = ds.to_iter_dataset()
+        if workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; jaxlm has its own CLI
+                flags.FLAGS.mark_as_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        self._it = iter(it_ds)
+        if saved:
+            self._it.set_state(saved["grain"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return {"start": self.start, "workers": self.workers, "grain": self._it.get_state()}
 
 
 def eval_batches(rows: PackedRows, global_batch: int, num_batches: int) -> list[dict[str, np.ndarray]]:
