@@ -79,6 +79,22 @@ def xla_attention(q, k, v, segment_ids, sliding_window: int = 0, max_blocks: int
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def cached_attention(q, k_cache, v_cache, slot, valid, sliding_window: int = 0):
+    """Queries at cache slots slot..slot+T-1 attend over the whole (B, S, K, H) cache.
+
+    A key is visible if its slot holds a token (`valid`, (B, S)), is not after the query's slot, and (with a
+    window) is within the window. Prompts are left-padded, so slot distance equals position distance.
+    """
+    t, s = q.shape[1], k_cache.shape[1]
+    q_slot = slot + jnp.arange(t)[:, None]
+    k_slot = jnp.arange(s)[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window:
+        allowed &= q_slot - k_slot < sliding_window
+    ones = jnp.ones(q.shape[:2], jnp.int32)
+    return _masked_attention(q, k_cache, v_cache, allowed, ones, valid.astype(jnp.int32))
+
+
 def cudnn_attention(q, k, v, segment_ids, sliding_window: int = 0):
     # cuDNN skips the masked-out causal blocks; the segment mask is only passed for packed rows.
     window = (sliding_window - 1, 0) if sliding_window else None

@@ -34,7 +34,10 @@ class Attention(nn.Module):
     impl: str  # a resolved kernel name: xla, cudnn or splash
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
+        """With `layer_cache` ({"k", "v"}: (B, S, K, H)) the new keys and values are written at slot
+        `decode["slot"]` and the queries attend over the whole cache (keys marked in `decode["valid"]`).
+        Returns (output, updated layer cache or None)."""
         c = self.config
         dt = compute_dtype(c)
         h = c.resolved_head_dim
@@ -60,11 +63,19 @@ class Attention(nn.Module):
         q_btnh = constrain(apply_rope(q_btnh, positions_bt, inv_freq), BTNH)
         k_btkh = constrain(apply_rope(k_btkh, positions_bt, inv_freq), BTKH)
         v_btkh = constrain(v_btkh, BTKH)
-        out_btnh = attention.attend(
-            q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
-        )
+        if layer_cache is None:
+            out_btnh = attention.attend(
+                q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
+            )
+        else:
+            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+                cache, new.astype(cache.dtype), decode["slot"], axis=1)
+            layer_cache = {"k": write(layer_cache["k"], k_btkh), "v": write(layer_cache["v"], v_btkh)}
+            out_btnh = attention.cached_attention(
+                q_btnh, layer_cache["k"], layer_cache["v"], decode["slot"], decode["valid"], c.sliding_window
+            )
         out_btnh = checkpoint_name(constrain(out_btnh, BTNH), "attention_out")
-        return dense(out_btnh, o_nhd.astype(dt), n_in=2)
+        return dense(out_btnh, o_nhd.astype(dt), n_in=2), layer_cache
 
 
 class Block(nn.Module):
@@ -74,15 +85,17 @@ class Block(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
         c = self.config
         dt = compute_dtype(c)
         x_btd = constrain(x_btd, BTD)
         h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="attn_norm")(x_btd)
-        x_btd = x_btd + Attention(c, self.impl, name="attn")(h_btd, positions_bt, segment_ids_bt)
+        attn_btd, layer_cache = Attention(c, self.impl, name="attn")(
+            h_btd, positions_bt, segment_ids_bt, layer_cache, decode)
+        x_btd = x_btd + attn_btd
         h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="mlp_norm")(x_btd)
         x_btd = x_btd + MLP(c, name="mlp")(h_btd)
-        return constrain(x_btd, BTD), None
+        return constrain(x_btd, BTD), layer_cache
 
 
 class Transformer(nn.Module):
@@ -90,8 +103,13 @@ class Transformer(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None):
-        """Returns float32 logits (B, T, V). Segment ids separate packed documents; 0 marks padding."""
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, decode=None):
+        """Returns float32 logits (B, T, V). Segment ids separate packed documents; 0 marks padding.
+
+        For decoding, `cache` holds every layer's keys and values ({"k", "v"}: (L, B, S, K, H), see
+        `jaxlm.generate`) and `decode` says where to write ({"slot"}) and which slots hold tokens ({"valid"});
+        the call then returns (logits, updated cache).
+        """
         c = self.config
         dt = compute_dtype(c)
         if positions_bt is None:
@@ -106,17 +124,26 @@ class Transformer(nn.Module):
         x_btd = constrain(embed(tokens_bt), BTD)
 
         block = Block
-        if c.remat != "none":
+        if c.remat != "none" and cache is None:  # decoding takes no gradients
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         if c.scan_layers:
+            # The cache is scanned over its leading layer axis; everything else is the same for each layer.
+            in_axes = nn.broadcast if cache is None else (nn.broadcast, nn.broadcast, 0, nn.broadcast)
             layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
+                block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
                 length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.impl, name="layers")
-            x_btd, _ = layers(x_btd, positions_bt, segment_ids_bt)
+            extra = () if cache is None else (cache, decode)
+            x_btd, cache = layers(x_btd, positions_bt, segment_ids_bt, *extra)
         else:
+            per_layer = []
             for i in range(c.num_layers):
-                x_btd, _ = block(c, self.impl, name=f"layers_{i}")(x_btd, positions_bt, segment_ids_bt)
+                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+                x_btd, layer_cache = block(c, self.impl, name=f"layers_{i}")(
+                    x_btd, positions_bt, segment_ids_bt, layer_cache, decode)
+                per_layer.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
         x_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="final_norm")(x_btd)
         if c.tie_embeddings:
@@ -126,9 +153,10 @@ class Transformer(nn.Module):
             # weight gradient faster.
             head_vd = weight(self, "lm_head", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
         logits_btv = dense(x_btd, head_vd.T.astype(dt))
-        return constrain(
+        logits_btv = constrain(
             logits_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
         )
+        return logits_btv if cache is None else (logits_btv, cache)
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:

@@ -1,0 +1,124 @@
+"""Autoregressive decoding: a jitted prefill, a jitted one-token step, and a preallocated KV cache.
+
+Prompts of different lengths are left-padded to a common length P. Slot i of the cache holds token i of
+the padded row; pad slots are marked invalid and never attended to, and positions (for RoPE) count from
+each prompt's first real token. The cache stores KV heads only (GQA), as (L, B, S, K, H).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.layers import compute_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or output (CTRL style)
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    return {"k": jnp.zeros(shape, compute_dtype(config)), "v": jnp.zeros(shape, compute_dtype(config))}
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus) on (B, V) logits; filtered entries become -inf."""
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """Divides positive and multiplies negative logits of already-seen tokens by `penalty`."""
+    if penalty == 1.0:
+        return logits
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def choose(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
+    if s.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filter_logits(logits, s.temperature, s.top_k, s.top_p)).astype(jnp.int32)
+
+
+class Generator:
+    """Compiles prefill and decode once per (batch, prompt length, cache length) and streams tokens."""
+
+    def __init__(self, model, params, sampling: SamplingConfig):
+        self.model, self.params, self.sampling = model, params, sampling
+        self._prefill = jax.jit(self._prefill_fn)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+
+    def _prefill_fn(self, params, tokens, pad, cache, rng):
+        b, p = tokens.shape
+        slots = jnp.arange(cache["k"].shape[2])
+        valid = (slots[None, :] >= pad[:, None]) & (slots[None, :] < p)
+        positions = jnp.maximum(jnp.arange(p)[None, :] - pad[:, None], 0)
+        logits, cache = self.model.apply(
+            {"params": params}, tokens, positions, jnp.ones_like(tokens), cache,
+            {"slot": jnp.int32(0), "valid": valid},
+        )
+        seen = jnp.zeros((b, logits.shape[-1]), bool).at[jnp.arange(b)[:, None], tokens].max(valid[:, :p])
+        last = penalize(logits[:, -1], seen, self.sampling.repetition_penalty)
+        token = choose(last, rng, self.sampling)
+        return token, cache, valid, seen.at[jnp.arange(b), token].set(True)
+
+    def _step_fn(self, params, cache, token, slot, pad, valid, seen, rng):
+        b = token.shape[0]
+        valid = valid.at[:, slot].set(True)
+        positions = (slot - pad)[:, None]
+        logits, cache = self.model.apply(
+            {"params": params}, token[:, None], positions, jnp.ones((b, 1), jnp.int32), cache,
+            {"slot": slot, "valid": valid},
+        )
+        last = penalize(logits[:, 0], seen, self.sampling.repetition_penalty)
+        token = choose(last, rng, self.sampling)
+        return token, cache, valid, seen.at[jnp.arange(b), token].set(True)
+
+    def stream(self, prompts: list[list[int]]) -> Iterator[np.ndarray]:
+        """Yields the next token of every prompt, (B,), up to `max_new_tokens` times."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token")
+        c, s = self.model.config, self.sampling
+        p = max(len(x) for x in prompts)
+        total = p + s.max_new_tokens
+        if total > c.max_seq_len:
+            raise ConfigError(
+                f"prompt of {p} tokens + max_new_tokens={s.max_new_tokens} exceeds the model's context of "
+                f"{c.max_seq_len}; shorten the prompt or lower max_new_tokens"
+            )
+        pad = np.array([p - len(x) for x in prompts], np.int32)
+        tokens = np.zeros((len(prompts), p), np.int32)
+        for i, x in enumerate(prompts):
+            tokens[i, pad[i]:] = x
+        rng = jax.random.key(s.seed)
+        cache = init_cache(c, len(prompts), total)
+        rng, sub = jax.random.split(rng)
+        token, cache, valid, seen = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache, sub)
+        yield np.asarray(token)
+        for i in range(1, s.max_new_tokens):
+            rng, sub = jax.random.split(rng)
+            token, cache, valid, seen = self._step(
+                self.params, cache, token, jnp.int32(p + i - 1), jnp.asarray(pad), valid, seen, sub)
+            yield np.asarray(token)
