@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -19,6 +20,7 @@ from jaxlm import attention, distributed, flops, mesh as mesh_lib, optim, sharde
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import pipeline
+from jaxlm.inference import TOKENIZER_FILE
 from jaxlm.metrics import MetricsWriter
 from jaxlm.model import Transformer, count_params
 from jaxlm.overrides import to_dict
@@ -63,8 +65,13 @@ def train(config: Config) -> dict:
             f"by the {batch_divisor(mesh)}-way batch sharding (mesh data*fsdp*expert); change one of them"
         )
 
-    # 3. Data: tokenizer, packed rows, and the checkpointable grain iterator.
+    # 3. Data: tokenizer, packed rows, and the checkpointable grain iterator. The tokenizer is copied into
+    # the run directory, so that the run alone is enough to generate from or evaluate its checkpoints.
     data = pipeline.prepare(config)
+    if primary:
+        tmp = os.path.join(run_dir, f"{TOKENIZER_FILE}.tmp.{os.getpid()}")
+        shutil.copyfile(data.tokenizer_path, tmp)
+        os.replace(tmp, os.path.join(run_dir, TOKENIZER_FILE))
 
     # 4. Model and optimizer. The model speaks logical axis names; the rule table maps them to the mesh.
     impl = attention.resolve(config.model.attention)

@@ -215,3 +215,21 @@ def test_checkpoint_keeps_last_n_and_every_k(tmp_path):
     ckpt.close()
     assert sorted(int(d) for d in os.listdir(tmp_path / "ckpt") if d.isdigit()) == [3, 6, 7]
     assert Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig()).saved_config(6) == {"step": 6}
+
+
+def test_generate_from_a_trained_run(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    assert jaxlm_train(SMALL + ["train.steps=2"], run, cache_dir, devices=1).returncode == 0
+    assert (run / "tokenizer.model").is_file()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "jaxlm.cli", "generate", str(run), "--max-new-tokens", "5"]
+    one = subprocess.run(cmd + ["--prompt", "In the beginning"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and one.stdout.strip(), one.stderr
+    (tmp_path / "prompts.txt").write_text("And God said\nJesus wept\n")
+    batch = subprocess.run(cmd + ["--prompt-file", str(tmp_path / "prompts.txt")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert batch.returncode == 0 and "And God said" in batch.stdout and "Jesus wept" in batch.stdout, batch.stderr
+    bad = subprocess.run(cmd[:4] + [str(tmp_path), "--prompt", "x"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not a jaxlm run directory" in bad.stderr
+    long = subprocess.run(cmd + ["--prompt", "word " * 80], env=env, capture_output=True, text=True, timeout=300)
+    assert long.returncode == 2 and "exceeds the model's context" in long.stderr, long.stderr
