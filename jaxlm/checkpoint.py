@@ -51,6 +51,7 @@ class Checkpointer:
             create=True,
         )
         self.directory = directory
+        self._temporaries: set[int] | None = None
         self.manager = ocp.CheckpointManager(
             directory,
             options=options,
@@ -64,8 +65,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
-        return self.manager.save(
+    def save(self, step: int, state, data_state: dict, config: dict, force: bool = False,
+             temporary: bool = False) -> bool:
+        """Saves `step` (asynchronously if configured). A temporary (time-based) checkpoint is deleted
+        once a later checkpoint is complete, so a preemption never leaves the run without one."""
+        self._drop_superseded_temporaries()
+        saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
@@ -73,7 +78,37 @@ class Checkpointer:
                 config=ocp.args.JsonSave(config),
             ),
             force=force,
+            custom_metadata={"temporary": True} if temporary else None,
         )
+        if saved and temporary:
+            self.temporaries.add(step)
+        return saved
+
+    @property
+    def temporaries(self) -> set[int]:
+        """Steps saved as temporary, including those left by an earlier run in this directory."""
+        if self._temporaries is None:
+            self._temporaries = set()
+            for step in self.manager.all_steps():
+                try:
+                    meta = self.manager.metadata(step).custom_metadata or {}
+                except (FileNotFoundError, ValueError, AttributeError):
+                    continue
+                if meta.get("temporary"):
+                    self._temporaries.add(step)
+        return self._temporaries
+
+    def _drop_superseded_temporaries(self) -> None:
+        """Deletes every temporary checkpoint older than the latest complete one."""
+        if not self.temporaries:
+            return
+        self.manager.wait_until_finished()  # the latest save is now complete
+        latest = self.manager.latest_step()
+        for step in sorted(self.temporaries):
+            if latest is not None and step < latest:
+                if step in self.manager.all_steps():
+                    self.manager.delete(step)
+                self.temporaries.discard(step)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict | None]:
         """Restores into `abstract_state` (ShapeDtypeStructs with the target shardings, any mesh).
@@ -97,6 +132,19 @@ class Checkpointer:
             log.warning("checkpoint %d was saved by a different process count; data position comes from the step", step)
         return restored["state"], snapshot.state
 
+    def restore_params(self, step: int, abstract_params):
+        """Restores only the params of the train state (for inference: no optimizer state is read)."""
+        path = os.path.join(self.directory, str(step), "state")
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise ConfigError(f"checkpoint {path} does not hold params for this model ({e})") from None
+        return restored["params"]
+
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
@@ -104,6 +152,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        self._drop_superseded_temporaries()
         self.manager.wait_until_finished()
         self.manager.close()
 

@@ -7,6 +7,7 @@ each prompt's first real token. The cache stores KV heads only (GQA), as (L, B, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterator
 
@@ -16,6 +17,10 @@ import numpy as np
 
 from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.layers import compute_dtype
+from jaxlm.sharding import logical_sharding
+
+
+PROMPT_BUCKET = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +33,19 @@ class SamplingConfig:
     seed: int = 0
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
+# The cache's logical axes: batch and KV heads split like the activations they come from; the length
+# stays whole on every device, since each step writes one slot of it.
+CACHE_AXES = ("layers", "activation_batch", None, "activation_kv_heads", "activation_head_dim")
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, mesh=None) -> dict[str, jax.Array]:
+    """Zeros (L, B, S, K, H) for keys and values; with a mesh, born sharded by the logical-axis rules."""
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
-    return {"k": jnp.zeros(shape, compute_dtype(config)), "v": jnp.zeros(shape, compute_dtype(config))}
+    zeros = lambda: {"k": jnp.zeros(shape, compute_dtype(config)), "v": jnp.zeros(shape, compute_dtype(config))}
+    if mesh is None:
+        return zeros()
+    sharding = logical_sharding(CACHE_AXES, shape, mesh)
+    return jax.jit(zeros, out_shardings={"k": sharding, "v": sharding})()
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -65,8 +80,10 @@ def choose(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
 class Generator:
     """Compiles prefill and decode once per (batch, prompt length, cache length) and streams tokens."""
 
-    def __init__(self, model, params, sampling: SamplingConfig):
-        self.model, self.params, self.sampling = model, params, sampling
+    def __init__(self, model, params, sampling: SamplingConfig, mesh=None):
+        """With `mesh` (the one the params are sharded over), the cache is sharded over it too and the
+        model's activation constraints apply."""
+        self.model, self.params, self.sampling, self.mesh = model, params, sampling, mesh
         self._prefill = jax.jit(self._prefill_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
 
@@ -108,17 +125,79 @@ class Generator:
                 f"prompt of {p} tokens + max_new_tokens={s.max_new_tokens} exceeds the model's context of "
                 f"{c.max_seq_len}; shorten the prompt or lower max_new_tokens"
             )
+        # Rounding the padded length up to a bucket lets prompts of nearby lengths share one compiled program.
+        p = max(p, min(-(-p // PROMPT_BUCKET) * PROMPT_BUCKET, c.max_seq_len - s.max_new_tokens))
+        total = p + s.max_new_tokens
         pad = np.array([p - len(x) for x in prompts], np.int32)
         tokens = np.zeros((len(prompts), p), np.int32)
         for i, x in enumerate(prompts):
             tokens[i, pad[i]:] = x
         rng = jax.random.key(s.seed)
-        cache = init_cache(c, len(prompts), total)
+        cache = init_cache(c, len(prompts), total, self.mesh)
         rng, sub = jax.random.split(rng)
-        token, cache, valid, seen = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache, sub)
+        with self._on_mesh():
+            token, cache, valid, seen = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache, sub)
         yield np.asarray(token)
         for i in range(1, s.max_new_tokens):
             rng, sub = jax.random.split(rng)
-            token, cache, valid, seen = self._step(
-                self.params, cache, token, jnp.int32(p + i - 1), jnp.asarray(pad), valid, seen, sub)
+            with self._on_mesh():
+                token, cache, valid, seen = self._step(
+                    self.params, cache, token, jnp.int32(p + i - 1), jnp.asarray(pad), valid, seen, sub)
             yield np.asarray(token)
+
+    def _on_mesh(self):
+        # Entered around each call rather than across the yields, so the caller's code never runs under it.
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+
+def complete(generator: Generator, tokenizer, texts: list[str], stops: tuple[str, ...] = (),
+             batch_size: int = 8, truncate: bool = False) -> list[str]:
+    """Completions of `texts` (each encoded after BOS), cut at EOS or at the first stop string.
+
+    With `truncate`, a prompt too long for the context keeps only its last tokens (evaluation harnesses
+    do the same); without it, such a prompt is an error."""
+    keep = generator.model.config.max_seq_len - generator.sampling.max_new_tokens - 1
+    if truncate and keep < 1:
+        raise ConfigError(f"max_new_tokens={generator.sampling.max_new_tokens} leaves no room for a prompt in the "
+                          f"context of {generator.model.config.max_seq_len}")
+    encoded = [tokenizer.encode(t) for t in texts]
+    prompts = [[tokenizer.bos_id(), *(ids[-keep:] if truncate else ids)] for ids in encoded]
+    return complete_tokens(generator, tokenizer, prompts, stops, batch_size)
+
+
+def complete_tokens(generator: Generator, tokenizer, prompts: list[list[int]], stops: tuple[str, ...] = (),
+                    batch_size: int = 8) -> list[str]:
+    """Completions of already-encoded prompts, cut at EOS or at the first stop string."""
+    completions = []
+    for b in range(0, len(prompts), batch_size):
+        batch = prompts[b:b + batch_size]
+        outputs, done = [[] for _ in batch], [False] * len(batch)
+        for tokens in generator.stream(batch):
+            for i, token in enumerate(tokens.tolist()):
+                if done[i]:
+                    continue
+                if token == tokenizer.eos_id():
+                    done[i] = True
+                    continue
+                outputs[i].append(token)
+                # Decoding the tail is enough to see a stop string end; decoding everything would be quadratic.
+                if stops and any(stop in tokenizer.decode(outputs[i][-16:]) for stop in stops):
+                    done[i] = True
+            if all(done):
+                break
+        completions += [cut_at_stop(tokenizer.decode(out), stops) for out in outputs]
+    return completions
+
+
+def check_stops(tokenizer, stops) -> None:
+    """A stop string the tokenizer cannot produce would never end generation: say so instead."""
+    for stop in stops:
+        back = tokenizer.decode(tokenizer.encode(stop)) if stop else ""
+        if not stop or (stop.strip() or stop) not in back:
+            raise ConfigError(f"stop string {stop!r} can never appear in this model's output (its tokenizer turns it "
+                              f"into {back!r}); use a string the tokenizer can produce")
+
+
+def cut_at_stop(text: str, stops) -> str:
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]

@@ -7,10 +7,12 @@ import os
 
 import jax
 
-from jaxlm import attention, mesh as mesh_lib, optim, overrides, sharded_init
+import optax
+
+from jaxlm import attention, mesh as mesh_lib, overrides, quantize as quantize_lib, sharded_init
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.hf import tokenizer as hf_tokenizer
 from jaxlm.model import Transformer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -23,15 +25,20 @@ class LoadedRun:
     params: dict
     tokenizer: object  # sentencepiece.SentencePieceProcessor
     step: int
+    directory: str = ""  # the run directory (holds tokenizer and chat template files)
+    mesh: object = None  # the jax.sharding.Mesh the params are sharded over
 
 
-def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
+def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
+             block_size: int = 128) -> LoadedRun:
+    """Loads the params of `step` (default: the latest), optionally weight-only quantized
+    (`jaxlm.quantize` formats int8, int4, nf4)."""
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"{run_dir} is not a jaxlm run directory (no config.json); pass the directory `jaxlm train` printed")
     config = overrides.load([config_path])
-    tokenizer = tokenizer_lib.load(os.path.join(run_dir, TOKENIZER_FILE))
+    tokenizer = hf_tokenizer.load_for_run(run_dir)  # tokenizer.json (imported models) or tokenizer.model
     if tokenizer.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"{run_dir}/{TOKENIZER_FILE} has {tokenizer.vocab_size()} pieces but the model has "
                           f"{config.model.vocab_size}: the tokenizer does not belong to this checkpoint")
@@ -39,12 +46,16 @@ def load_run(run_dir: str, step: int | None = None) -> LoadedRun:
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise ConfigError(f"{ckpt.directory} holds no complete checkpoint; train first or pass another run")
+    if step not in ckpt.manager.all_steps():
+        raise ConfigError(f"{ckpt.directory} has no checkpoint for step {step}; it has {ckpt.manager.all_steps()}")
     model = Transformer(config.model, attention.resolve(config.model.attention))
     mesh = mesh_lib.make_mesh(config.mesh)
-    # The checkpoint holds the whole train state; restoring it whole keeps one code path with training.
-    tx = optim.build_optimizer(config.optim, config.train.steps, sharded_init.abstract_params(model))
     with jax.set_mesh(mesh):
-        abstract = sharded_init.abstract_state(sharded_init.make_init_fn(model, tx, config.train.seed), mesh)
-        state, _ = ckpt.restore(step, abstract)
+        # Only the params' shapes and shardings are needed, so the abstract state has no optimizer state.
+        init = sharded_init.make_init_fn(model, optax.identity(), config.train.seed)
+        abstract = sharded_init.abstract_state(init, mesh)
+        params = ckpt.restore_params(step, abstract.params)
     ckpt.close()
-    return LoadedRun(config, model, state.params, tokenizer, step)
+    if quantize:
+        params = quantize_lib.quantize_params(params, quantize, block_size)
+    return LoadedRun(config, model, params, tokenizer, step, run_dir, mesh)

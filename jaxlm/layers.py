@@ -1,10 +1,12 @@
-"""Building blocks of the Transformer: RMSNorm, rotary embeddings and the SwiGLU MLP.
+"""Building blocks of the Transformer: RMSNorm, rotary embeddings and the SwiGLU MLP (LLaMA family);
+LayerNorm and the GELU MLP (GPT-2).
 
 Shape letters: B batch, T length, D model width, N query heads, K KV heads, H head dim, F MLP width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
+from jaxlm.quantize import is_quantized
 from jaxlm.sharding import constrain
 
 
@@ -23,11 +26,36 @@ def compute_dtype(config: ModelConfig):
     return jnp.dtype(config.dtype)
 
 
+LORA_A, LORA_B = "_lora_a", "_lora_b"  # suffixes of the adapter params `jaxlm.lora` places beside a weight
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """A weight with a LoRA update, w + a @ b (a: (*in, r), b: (r, *out), scale folded into b); see `dense`."""
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+    def astype(self, dtype) -> "LowRank":
+        return LowRank(self.w.astype(dtype), self.a.astype(dtype), self.b.astype(dtype))
+
+
 def weight(module: nn.Module, name: str, shape, names, config: ModelConfig, fan_in: int | None = None):
-    """A weight with logical axis names, initialised N(0, init_std) (scaled by fan-in when given)."""
-    std = config.init_std if fan_in is None else 1.0 / math.sqrt(fan_in)
-    init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
-    return module.param(name, init, shape, param_dtype(config))
+    """A weight with logical axis names, initialised N(0, init_std) (scaled by fan-in when given).
+
+    With LoRA adapters beside it (params `{name}_lora_a`, `{name}_lora_b`, placed by `jaxlm.lora`) it is a
+    `LowRank`, which `dense` applies as x @ w + (x @ a) @ b."""
+    stored = module.get_variable("params", name) if module.has_variable("params", name) else None
+    if is_quantized(stored):  # weight-only quantized (jaxlm.quantize): dequantize into the compute dtype
+        w = stored.dequantize(compute_dtype(config))
+    else:
+        std = config.init_std if fan_in is None else 1.0 / math.sqrt(fan_in)
+        init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
+        w = module.param(name, init, shape, param_dtype(config))
+    if module.has_variable("params", name + LORA_A):
+        return LowRank(w, module.get_variable("params", name + LORA_A), module.get_variable("params", name + LORA_B))
+    return w
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -36,6 +64,8 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     Same result as the einsum; XLA:CPU runs the flattened 2-D form about 1.5x faster, most of all in the
     backward pass, where the einsum's weight gradient contracts over two (batch, length) dims.
     """
+    if isinstance(w, LowRank):  # LoRA on activations: no gradient of the (frozen) full weight is formed
+        return dense(x, w.w, n_in) + dense(dense(x, w.a, n_in), w.b)
     k = math.prod(w.shape[:n_in])
     y = x.reshape(-1, k) @ w.reshape(k, -1)
     return y.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
@@ -103,3 +133,42 @@ class MLP(nn.Module):
             jax.nn.silu(gate_btf) * up_btf, ("activation_batch", "activation_length", "activation_mlp")
         )
         return dense(h_btf, down_fd.astype(dt))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (GPT-2), computed in float32."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: down(gelu_tanh(x @ up + up_bias)) + down_bias."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        c = self.config
+        dt = compute_dtype(c)
+        up_df = weight(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
+        down_fd = weight(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), c)
+        zeros = lambda names: nn.with_logical_partitioning(nn.initializers.zeros, names)
+        up_bias = self.param("up_bias", zeros(("mlp",)), (c.mlp_dim,), param_dtype(c))
+        down_bias = self.param("down_bias", zeros(("norm",)), (c.d_model,), param_dtype(c))
+        x_btd = x_btd.astype(dt)
+        h_btf = jax.nn.gelu(dense(x_btd, up_df.astype(dt)) + up_bias.astype(dt), approximate=True)
+        h_btf = constrain(h_btf, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(h_btf, down_fd.astype(dt)) + down_bias.astype(dt)

@@ -1,4 +1,5 @@
-"""A decoder-only Transformer of the LLaMA family (LLaMA 2/3, Mistral, Qwen2/Qwen3).
+"""A decoder-only Transformer of the LLaMA family (LLaMA 2/3, Mistral, Qwen2/Qwen3), or GPT-2
+(`architecture="gpt2"`).
 
 Every parameter and main activation carries logical axis names; `jaxlm.sharding` maps them to the mesh.
 Shape letters: B batch, T length, S key length, D model width, N query heads, K KV heads, H head dim,
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 from jaxlm import attention
 from jaxlm.config import ModelConfig
 from jaxlm.sharding import constrain
-from jaxlm.layers import MLP, RMSNorm, apply_rope, compute_dtype, dense, param_dtype, rope_frequencies, weight
+from jaxlm.layers import (MLP, GeluMLP, LayerNorm, RMSNorm, apply_rope, compute_dtype, dense, param_dtype,
+                          rope_frequencies, weight)
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -59,9 +61,12 @@ class Attention(nn.Module):
         if c.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
             q_btnh = RMSNorm(c.norm_eps, dt, param_dtype(c), name="q_norm")(q_btnh)
             k_btkh = RMSNorm(c.norm_eps, dt, param_dtype(c), name="k_norm")(k_btkh)
-        inv_freq = rope_frequencies(c)
-        q_btnh = constrain(apply_rope(q_btnh, positions_bt, inv_freq), BTNH)
-        k_btkh = constrain(apply_rope(k_btkh, positions_bt, inv_freq), BTKH)
+        if c.architecture == "llama":  # GPT-2 adds learned positions to the embeddings instead
+            inv_freq = rope_frequencies(c)
+            q_btnh = apply_rope(q_btnh, positions_bt, inv_freq)
+            k_btkh = apply_rope(k_btkh, positions_bt, inv_freq)
+        q_btnh = constrain(q_btnh, BTNH)
+        k_btkh = constrain(k_btkh, BTKH)
         v_btkh = constrain(v_btkh, BTKH)
         if layer_cache is None:
             out_btnh = attention.attend(
@@ -75,7 +80,17 @@ class Attention(nn.Module):
                 q_btnh, layer_cache["k"], layer_cache["v"], decode["slot"], decode["valid"], c.sliding_window
             )
         out_btnh = checkpoint_name(constrain(out_btnh, BTNH), "attention_out")
-        return dense(out_btnh, o_nhd.astype(dt), n_in=2), layer_cache
+        out_btd = dense(out_btnh, o_nhd.astype(dt), n_in=2)
+        if c.architecture == "gpt2":
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
+            out_btd += self.param("o_bias", zeros, (c.d_model,), param_dtype(c)).astype(dt)
+        return out_btd, layer_cache
+
+
+def norm(c: ModelConfig, name: str) -> nn.Module:
+    if c.architecture == "gpt2":
+        return LayerNorm(c.norm_eps, compute_dtype(c), param_dtype(c), name=name)
+    return RMSNorm(c.norm_eps, compute_dtype(c), param_dtype(c), name=name)
 
 
 class Block(nn.Module):
@@ -87,14 +102,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
         c = self.config
-        dt = compute_dtype(c)
         x_btd = constrain(x_btd, BTD)
-        h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="attn_norm")(x_btd)
+        h_btd = norm(c, "attn_norm")(x_btd)
         attn_btd, layer_cache = Attention(c, self.impl, name="attn")(
             h_btd, positions_bt, segment_ids_bt, layer_cache, decode)
         x_btd = x_btd + attn_btd
-        h_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="mlp_norm")(x_btd)
-        x_btd = x_btd + MLP(c, name="mlp")(h_btd)
+        h_btd = norm(c, "mlp_norm")(x_btd)
+        x_btd = x_btd + (GeluMLP if c.architecture == "gpt2" else MLP)(c, name="mlp")(h_btd)
         return constrain(x_btd, BTD), layer_cache
 
 
@@ -121,7 +135,11 @@ class Transformer(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed")),
             name="embed",
         )
-        x_btd = constrain(embed(tokens_bt), BTD)
+        x_btd = embed(tokens_bt)
+        if c.architecture == "gpt2":  # learned absolute positions
+            pos_embed = weight(self, "pos_embed", (c.max_seq_len, c.d_model), ("norm", "embed"), c)
+            x_btd = x_btd + jnp.take(pos_embed, positions_bt, axis=0).astype(dt)
+        x_btd = constrain(x_btd, BTD)
 
         block = Block
         if c.remat != "none" and cache is None:  # decoding takes no gradients
@@ -145,7 +163,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
-        x_btd = RMSNorm(c.norm_eps, dt, param_dtype(c), name="final_norm")(x_btd)
+        x_btd = norm(c, "final_norm")(x_btd)
         if c.tie_embeddings:
             head_vd = embed.embedding
         else:

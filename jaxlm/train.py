@@ -20,13 +20,15 @@ from jaxlm import attention, distributed, flops, mesh as mesh_lib, optim, sharde
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import pipeline
+from jaxlm.hf import importer as hf_importer, tokenizer as hf_tokenizer
 from jaxlm.inference import TOKENIZER_FILE
 from jaxlm.metrics import MetricsWriter
 from jaxlm.model import Transformer, count_params
 from jaxlm.overrides import to_dict
-from jaxlm.preemption import StopRequest
+from jaxlm.preemption import StepBoundary, StopRequest
 from jaxlm.sharding import batch_divisor, global_batch
 from jaxlm.train_step import make_eval_step, make_train_step
+from jaxlm.watchdog import Watchdog
 
 log = logging.getLogger("jaxlm.train")
 
@@ -48,10 +50,14 @@ def write_json_atomic(path: str, obj) -> None:
 
 def train(config: Config) -> dict:
     """Trains per `config`. Returns a summary (run_dir, final step, last losses)."""
+    if config.model.init_from:  # the Hugging Face checkpoint's config.json sets the model's shape
+        config = hf_importer.resolve_init_from(config)
     run_dir = run_dir_of(config)
     # 1. Multi-host runtime first: every later step may talk to other processes.
-    distributed.initialize()
+    distributed.initialize(config.distributed)
     primary = jax.process_index() == 0
+    if not primary:  # only process 0 logs progress; every host still reports warnings and errors
+        logging.getLogger("jaxlm").setLevel(logging.WARNING)
     if primary:
         os.makedirs(run_dir, exist_ok=True)
         write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(config))
@@ -69,9 +75,12 @@ def train(config: Config) -> dict:
     # the run directory, so that the run alone is enough to generate from or evaluate its checkpoints.
     data = pipeline.prepare(config)
     if primary:
-        tmp = os.path.join(run_dir, f"{TOKENIZER_FILE}.tmp.{os.getpid()}")
+        if config.model.init_from:  # chat template, token ids and config, for finetuning and export
+            hf_importer.copy_run_files(hf_importer.hf_dir_of(config.model.init_from), run_dir)
+        name = hf_tokenizer.TOKENIZER_JSON if data.tokenizer_path.endswith(".json") else TOKENIZER_FILE
+        tmp = os.path.join(run_dir, f"{name}.tmp.{os.getpid()}")
         shutil.copyfile(data.tokenizer_path, tmp)
-        os.replace(tmp, os.path.join(run_dir, TOKENIZER_FILE))
+        os.replace(tmp, os.path.join(run_dir, name))
 
     # 4. Model and optimizer. The model speaks logical axis names; the rule table maps them to the mesh.
     impl = attention.resolve(config.model.attention)
@@ -94,6 +103,10 @@ def train(config: Config) -> dict:
         if latest is not None:
             state, data_state = ckpt.restore(latest, abstract)
             log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+        elif config.model.init_from:
+            hf_dir = hf_importer.hf_dir_of(config.model.init_from)
+            state, data_state = hf_importer.state_from_hf(init, abstract, hf_dir, config.model, mesh), None
+            log.info("initialised from the Hugging Face checkpoint %s", hf_dir)
         else:
             state, data_state = sharded_init.materialize(init, abstract), None
         start = int(state.step)
@@ -118,10 +131,25 @@ def train(config: Config) -> dict:
             if data.eval is not None and t.eval_batches else []
         )
 
+        task_eval = _task_evaluator(config, model, data.tokenizer_path) if t.eval_tasks else None
+
         # 8. The loop. Metrics are fetched one step late, so the host never waits on the device.
-        loop = Loop(config, run_dir, ckpt, eval_fn, eval_set, mesh)
+        loop = Loop(config, run_dir, ckpt, eval_fn, eval_set, mesh, task_eval)
         summary = loop.run(compiled, state, first, batches, start)
     return summary
+
+
+def _task_evaluator(config: Config, model, tokenizer_path: str) -> Callable[[dict], dict[str, dict]]:
+    """params -> results of `train.eval_tasks`, run with the training mesh's params as they are."""
+    from jaxlm.evaluation import runner
+
+    for task in config.train.eval_tasks:
+        runner.check_task(task)
+    tokenizer = hf_tokenizer.load(tokenizer_path)
+    texts = runner.heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
+    limit = config.train.eval_limit or None
+    return lambda params: runner.run_tasks(model, params, tokenizer, config, list(config.train.eval_tasks),
+                                           texts=texts, limit=limit, progress=False)
 
 
 def _log_memory(compiled) -> None:
@@ -137,11 +165,17 @@ def _log_memory(compiled) -> None:
 class Loop:
     """Runs the steps and fires the hooks; holds the only mutable bookkeeping of a run."""
 
-    def __init__(self, config: Config, run_dir: str, ckpt: Checkpointer, eval_fn: Callable, eval_set: list, mesh):
+    def __init__(self, config: Config, run_dir: str, ckpt: Checkpointer, eval_fn: Callable, eval_set: list, mesh,
+                 task_eval: Callable | None = None):
         self.config, self.run_dir, self.ckpt = config, run_dir, ckpt
-        self.eval_fn, self.eval_set, self.mesh = eval_fn, eval_set, mesh
+        self.eval_fn, self.eval_set, self.mesh, self.task_eval = eval_fn, eval_set, mesh, task_eval
         self.writer = MetricsWriter(run_dir)
         self.stop = StopRequest()
+        d = config.distributed
+        # Hosts agree at step boundaries; a host that never arrives is an error after this long.
+        agreement = distributed.Agreement(timeout_s=max(2 * d.watchdog_s, 3600.0))
+        self.boundary = StepBoundary(self.stop, config.checkpoint.every_minutes, d.sync_every, agreement)
+        self.watchdog = Watchdog(d.watchdog_s, jax.process_index(), jax.process_count())
         t = config.train
         peak = t.peak_flops or flops.peak_flops_per_device()
         self.peak_total = peak * jax.device_count()
@@ -157,6 +191,8 @@ class Loop:
         total = t.steps
         bar = _progress(start, total, enabled=t.progress and jax.process_index() == 0)
         self.stop.install()
+        self.watchdog.start()
+        self.watchdog.beat(start + 1)  # the watchdog names the oldest step not yet finished
         step, batch = start, first_batch
         profiling = False
         try:
@@ -174,14 +210,25 @@ class Loop:
                     profiling = False
                 if step % t.log_every == 0:
                     self._log(bar, step)
-                if self.eval_set and (step % t.eval_every == 0 or step == total):
+                if (self.eval_set or self.task_eval) and (step % t.eval_every == 0 or step == total):
                     self._evaluate(state, step)
+                self.watchdog.beat(step, "cross-host agreement after step")
+                decision = self.boundary.check(step)  # the same answer on every host
+                self.watchdog.beat(step if self.pending else step + 1)
                 if step == t.stop_at and not self.stop.requested:
                     self.stop.signal = f"train.stop_at={t.stop_at}"
-                if step % self.config.checkpoint.every == 0 or step == total or self.stop.requested:
+                stopping = decision.stop is not None or step == t.stop_at
+                permanent = step % self.config.checkpoint.every == 0 or step == total or stopping
+                if permanent or decision.temporary_checkpoint:
                     self._read_pending()  # never checkpoint past a step we have not checked
-                    self.ckpt.save(step, state, batches.get_state(), to_dict(self.config), force=True)
-                if self.stop.requested:
+                    self.watchdog.beat(step, "checkpoint save")
+                    self.ckpt.save(step, state, batches.get_state(), to_dict(self.config), force=True,
+                                   temporary=not permanent)
+                    self.boundary.saved()
+                    self.watchdog.beat(step + 1)
+                    if not permanent:
+                        log.info("step %d: time-based temporary checkpoint saved", step)
+                if stopping:
                     log.info("stopped by %s after step %d; checkpoint saved", self.stop.signal, step)
                     break
                 if step < total:
@@ -189,6 +236,7 @@ class Loop:
             self._read_pending()
             self._log(bar, step)
         finally:
+            self.watchdog.stop()
             self.stop.uninstall()
             if profiling:
                 jax.profiler.stop_trace()
@@ -205,6 +253,7 @@ class Loop:
         self.pending = None
         self.read_step = step
         m = jax.device_get(metrics)
+        self.watchdog.beat(step + 1)
         if not bool(m["finite"]):
             if self.config.train.on_nonfinite == "stop":
                 raise NonFiniteError(
@@ -240,16 +289,25 @@ class Loop:
 
     def _evaluate(self, state, step: int) -> None:
         self._read_pending()  # finish the training step first, so its time counts as training
+        self.watchdog.beat(step, "eval after step")
         began = time.perf_counter()
-        nll, tokens = 0.0, 0.0
-        for batch in self.eval_set:
-            m = jax.device_get(self.eval_fn(state.params, batch))
-            nll += float(m["nll"])
-            tokens += float(m["tokens"])
-        loss = nll / max(tokens, 1.0)
-        self.last["eval_loss"] = loss
-        self.writer.write(step, {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))})
-        log.info("step %d: eval loss %.4f", step, loss)
+        if self.eval_set:
+            nll, tokens = 0.0, 0.0
+            for batch in self.eval_set:
+                m = jax.device_get(self.eval_fn(state.params, batch))
+                nll += float(m["nll"])
+                tokens += float(m["tokens"])
+            loss = nll / max(tokens, 1.0)
+            self.last["eval_loss"] = loss
+            self.writer.write(step, {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))})
+            log.info("step %d: eval loss %.4f", step, loss)
+        if self.task_eval:
+            scalars = {f"eval/{task}/{key}": float(value)
+                       for task, result in self.task_eval(state.params).items()
+                       for key, value in result.items() if isinstance(value, (int, float)) and key != "seconds"}
+            self.writer.write(step, scalars)
+            self.last.update(scalars)
+            log.info("step %d: %s", step, ", ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items()))
         # Evaluation time is not training time: move the throughput window's start past it.
         self.window["t0"] += time.perf_counter() - began
 

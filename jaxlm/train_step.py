@@ -125,3 +125,42 @@ def make_eval_step(apply_fn: Callable):
         return {"nll": nll, "tokens": count}
 
     return eval_step
+
+
+def make_finetune_step(loss_fn: Callable, tx: optax.GradientTransformation, trainable: str | None = None,
+                       lr_schedule: Callable | None = None):
+    """A step for `loss_fn(params, batch, rng) -> (loss, metrics)` (SFT and DPO in `jaxlm.finetune`).
+
+    With `trainable="lora"` only `params["lora"]` is differentiated and updated; the rest of the params is
+    frozen, may be quantized, and holds no optimizer state (the optimizer's trainable mask, `jaxlm.optim`).
+    """
+
+    def finetune_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng, next_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if trainable is None:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+            all_grads = grads
+        else:
+            part = lambda p: loss_fn({**state.params, trainable: p}, batch, rng)
+            (loss, metrics), grads = jax.value_and_grad(part, has_aux=True)(state.params[trainable])
+            # The frozen branch of the optimizer ignores these zeros; nothing reads its updates, so XLA drops them.
+            all_grads = {k: (grads if k == trainable else jax.tree.map(jnp.zeros_like, v))
+                         for k, v in state.params.items()}
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(params, opt_state):
+            updates, opt_state = tx.update(all_grads, opt_state, params)
+            if trainable is None:
+                return optax.apply_updates(params, updates), opt_state
+            return {**params, trainable: optax.apply_updates(params[trainable], updates[trainable])}, opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=jax.random.key_data(next_rng))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state.step)
+        return new_state, metrics
+
+    return finetune_step

@@ -15,6 +15,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_VERSION = "0.10.2"  # keep in sync with setup.py; the TPU wheel must match jaxlib
 REMOTE_DIR = "~/jaxlm"
+VENV = "~/jaxlm-venv"  # outside REMOTE_DIR, so that re-running setup keeps the installed jax[tpu]
+PYTHON = "python3.11"  # jaxlm needs 3.11; TPU VM images ship 3.10
 RUN_LOG = "jaxlm-run.log"  # relative remote paths are in the home dir for both ssh and scp
 
 # Default TPU VM runtime image per generation.
@@ -77,6 +79,23 @@ def scp(src, dst, args, worker):
             f"--zone={args.zone}", f"--project={args.project}", f"--worker={worker}"]
 
 
+def slices(args) -> int:
+    return getattr(args, "slices", 1) or 1
+
+
+def node_names(args) -> list[str]:
+    """A multislice queued resource NAME names its slices NAME-0, NAME-1, ... (--node-prefix)."""
+    n = slices(args)
+    return [args.name] if n == 1 else [f"{args.name}-{i}" for i in range(n)]
+
+
+def ssh_all(args, command):
+    """The same command on every worker of every slice."""
+    if slices(args) > 1:
+        return queued("ssh", args.name, args, "--node=all", "--worker=all", f"--command={command}")
+    return tpu_vm("ssh", args.name, args, "--worker=all", f"--command={command}")
+
+
 def queued(verb, name, args, *extra):
     return ["gcloud", "compute", "tpus", "queued-resources", verb, name,
             f"--zone={args.zone}", f"--project={args.project}", *extra]
@@ -86,6 +105,13 @@ def cmd_create(args):
     gen, _ = parse_type(args.type)
     runtime = args.version or RUNTIMES[gen]
     spot = ["--spot"] if args.spot else []
+    if slices(args) > 1:
+        # Multislice exists only as a queued resource; its slices talk over DCN (MEGASCALE_* is set
+        # on every worker, and JAX reads it).
+        return [["gcloud", "compute", "tpus", "queued-resources", "create", args.name,
+                 f"--node-count={slices(args)}", f"--node-prefix={args.name}", f"--zone={args.zone}",
+                 f"--project={args.project}", f"--accelerator-type={gcloud_type(args.type)}",
+                 f"--runtime-version={runtime}", *spot]]
     if args.queued:
         # A queued resource waits for capacity instead of failing; the TPU VM it
         # eventually creates gets the same name, so the other subcommands work on it.
@@ -107,18 +133,25 @@ def cmd_setup(args):
             raise LaunchError(f"setup: git rev-parse HEAD failed in {REPO}; pass --commit")
         sha = head.stdout.strip()
     tarball = f"jaxlm-{sha}.tar.gz"
+    python = (f"command -v {PYTHON} >/dev/null || (sudo apt-get update -qq"
+              f" && sudo apt-get install -y -qq software-properties-common"
+              f" && sudo add-apt-repository -y ppa:deadsnakes/ppa"
+              f" && sudo apt-get install -y -qq {PYTHON} {PYTHON}-venv)")
     install = " && ".join([
+        python,
+        f"(test -x {VENV}/bin/pip || {PYTHON} -m venv {VENV})",
         f"rm -rf {REMOTE_DIR}",  # a clean tree, so files deleted in the commit do not linger
         f"mkdir -p {REMOTE_DIR}",
         f"tar -xzf ~/{tarball} -C {REMOTE_DIR}",
         f"cd {REMOTE_DIR}",
-        f"pip install {shlex.quote(f'jax[tpu]=={JAX_VERSION}')}",
-        "pip install -e .",
+        f"{VENV}/bin/pip install {shlex.quote(f'jax[tpu]=={JAX_VERSION}')}",
+        f"{VENV}/bin/pip install -e .",
     ])
+    copies = [scp(f"/tmp/{tarball}", f"{node}:{tarball}", args, "all") for node in node_names(args)]
     return [
         ["git", "archive", "--format=tar.gz", "-o", f"/tmp/{tarball}", sha],
-        scp(f"/tmp/{tarball}", f"{args.name}:{tarball}", args, "all"),
-        tpu_vm("ssh", args.name, args, "--worker=all", f"--command={install}"),
+        *copies,
+        ssh_all(args, install),
     ]
 
 
@@ -126,18 +159,20 @@ def cmd_run(args):
     argv = args.command
     if not argv:
         raise LaunchError("run: give the command after --, e.g. -- jaxlm train CONFIG")
-    # ~/.local/bin: where a non-root `pip install` puts the jaxlm script; non-interactive
-    # ssh shells do not read ~/.profile. pipefail: report the training exit code, not tee's.
-    remote = (f'export PATH="$HOME/.local/bin:$PATH"; set -o pipefail; '
+    # The venv made by setup comes first on PATH (non-interactive ssh shells read no profile).
+    # pipefail: report the training exit code, not tee's.
+    remote = (f'export PATH="$HOME/{VENV[2:]}/bin:$PATH"; set -o pipefail; '
               f"cd {REMOTE_DIR} && {shlex.join(argv)} 2>&1 | tee ~/{RUN_LOG}")
-    return [tpu_vm("ssh", args.name, args, "--worker=all", f"--command={remote}")]
+    return [ssh_all(args, remote)]
 
 
 def cmd_logs(args):
     out_dir = os.path.join("logs", args.name)
     cmds = [["mkdir", "-p", out_dir]]
-    for i in range(num_hosts(args.type)):
-        cmds.append(scp(f"{args.name}:{RUN_LOG}", os.path.join(out_dir, f"worker-{i}.log"), args, i))
+    for node in node_names(args):
+        prefix = "" if slices(args) == 1 else f"{node}-"
+        for i in range(num_hosts(args.type)):
+            cmds.append(scp(f"{node}:{RUN_LOG}", os.path.join(out_dir, f"{prefix}worker-{i}.log"), args, i))
     return cmds
 
 
@@ -146,11 +181,11 @@ def cmd_ssh(args):
 
 
 def cmd_status(args):
-    return [(queued if args.queued else tpu_vm)("describe", args.name, args)]
+    return [(queued if args.queued or slices(args) > 1 else tpu_vm)("describe", args.name, args)]
 
 
 def cmd_delete(args):
-    if args.queued:
+    if args.queued or slices(args) > 1:
         # --force also deletes the TPU VM the queued resource created.
         return [queued("delete", args.name, args, "--force")]
     return [tpu_vm("delete", args.name, args)]
@@ -170,6 +205,8 @@ def build_parser():
         p.add_argument("name", help="TPU VM (and queued resource) name")
         p.add_argument("--zone", required=True, help="e.g. us-east5-a")
         p.add_argument("--project", required=True, help="Google Cloud project id")
+        p.add_argument("--slices", type=int, default=1,
+                       help="multislice: this many slices over DCN, as one queued resource (default 1)")
         return p
 
     p = add("create", cmd_create, "create a TPU VM, or a queued resource that creates one when capacity frees up")

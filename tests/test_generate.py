@@ -85,3 +85,43 @@ def test_repetition_penalty():
     logits = jnp.asarray([[2.0, -2.0, 1.0]])
     seen = jnp.asarray([[True, True, False]])
     np.testing.assert_allclose(penalize(logits, seen, 2.0), [[1.0, -4.0, 1.0]])
+
+
+class _AsciiTokenizer:
+    def encode(self, text):
+        return [ord(c) if ord(c) < 128 else 0 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids if i)
+
+
+def test_stop_strings_the_tokenizer_cannot_produce_are_clear_errors():
+    from jaxlm.generate import check_stops
+
+    check_stops(_AsciiTokenizer(), ["\n", " Amen", "###"])
+    with pytest.raises(ConfigError, match="stop string 'é' can never appear"):
+        check_stops(_AsciiTokenizer(), ["é"])
+    with pytest.raises(ConfigError, match="stop string '' can never appear"):
+        check_stops(_AsciiTokenizer(), [""])
+
+
+def test_sharded_cache_and_params_decode_the_same_tokens():
+    """Params sharded fsdp x tensor over 8 devices, the cache sharded by the same rule table."""
+    from jaxlm import mesh as mesh_lib
+    from jaxlm.config import MeshConfig
+    from jaxlm.sharding import tree_shardings
+
+    config = small_config()
+    model = Transformer(config.model)
+    boxed = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn.unbox(boxed)
+    mesh = mesh_lib.make_mesh(MeshConfig(fsdp=4, tensor=2))
+    sharded = jax.device_put(params, tree_shardings(boxed, mesh))
+    prompts = [[5, 17, 3, 99, 42, 7, 8], [11], [64, 2, 90], [1, 2]]
+    want = np.stack(list(Generator(model, params, SamplingConfig(max_new_tokens=6)).stream(prompts)), axis=1)
+    gen = Generator(model, sharded, SamplingConfig(max_new_tokens=6), mesh)
+    got = np.stack(list(gen.stream(prompts)), axis=1)
+    np.testing.assert_array_equal(got, want)
+    cache = init_cache(config.model, 4, 16, mesh)
+    spec = cache["k"].sharding.spec
+    assert "fsdp" in spec[1] and spec[3] == "tensor" and spec[2] is None

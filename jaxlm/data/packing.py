@@ -1,0 +1,138 @@
+"""Packing tokenized documents into fixed-length rows, as random-access sources that grain can shuffle.
+
+Two layouts over a `DocStore` of documents (each `<s> ... </s>`):
+- concatenate-and-split (`ConcatSplitRows`): all documents as one stream; row r is the window of L+1
+  tokens at r*L, so every token is trained on and documents continue across rows;
+- first-fit (`FirstFitRows`): documents (split into pieces of at most L tokens when longer) go into the
+  first row with room, longest first; rows are padded and no document is cut between rows unless it is
+  longer than a row.
+
+Every row has segment ids (1, 2, ... per document piece, 0 for padding), positions that restart at each
+piece, and a loss mask that is 0 where the target belongs to another piece or to padding; attention is
+restricted to equal segment ids by the model, so nothing attends across documents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class DocStore:
+    """Documents by local index: `indices` selects records of an ArrayRecord source (or any sequence of
+    token arrays), `lengths` are their token counts."""
+
+    def __init__(self, source, indices: np.ndarray, lengths: np.ndarray):
+        self.source, self.indices, self.lengths = source, indices, lengths
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        record = self.source[int(self.indices[i])]
+        return np.frombuffer(record, "<i4").astype(np.int32) if isinstance(record, bytes) else np.asarray(record)
+
+
+def make_row(tokens: np.ndarray, pieces: np.ndarray) -> dict[str, np.ndarray]:
+    """Model inputs from L+1 tokens and the piece (document) id of each, -1 for padding."""
+    piece = pieces[:-1]  # (L,) the piece each input token belongs to
+    idx = np.arange(len(piece))
+    starts = np.concatenate([[True], piece[1:] != piece[:-1]])
+    positions = idx - np.maximum.accumulate(np.where(starts, idx, 0))
+    segments = np.cumsum(starts & (piece >= 0))
+    return {
+        "inputs": tokens[:-1].astype(np.int32),
+        "targets": tokens[1:].astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "segment_ids": np.where(piece >= 0, segments, 0).astype(np.int32),
+        "loss_mask": ((pieces[1:] == piece) & (piece >= 0)).astype(np.int32),
+    }
+
+
+class ConcatSplitRows:
+    def __init__(self, docs: DocStore, seq_len: int):
+        self.docs, self.seq_len = docs, seq_len
+        self.offsets = np.concatenate([[0], np.cumsum(docs.lengths, dtype=np.int64)])
+        self.num_rows = max(int(self.offsets[-1] - 1) // seq_len, 0)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        start, end = r * self.seq_len, r * self.seq_len + self.seq_len + 1
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        tokens, ids = [], []
+        while self.offsets[i] < end:
+            doc = self.docs[i]
+            lo, hi = max(start - self.offsets[i], 0), min(end - self.offsets[i], len(doc))
+            tokens.append(doc[lo:hi])
+            ids.append(np.full(hi - lo, i, np.int64))
+            i += 1
+        return make_row(np.concatenate(tokens), np.concatenate(ids))
+
+
+def first_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin of each item under first-fit decreasing, in O(n log n) with a max-tree of remaining room."""
+    order = np.argsort(-lengths, kind="stable")
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    room = [capacity] * (2 * size)  # room[size + b]: space left in bin b; inner nodes hold the max below
+    bins = np.zeros(len(lengths), np.int64)
+    for item in order:
+        need = int(lengths[item])
+        node = 1
+        while node < size:  # descend to the leftmost bin with room
+            node = 2 * node if room[2 * node] >= need else 2 * node + 1
+        bins[item] = node - size
+        room[node] -= need
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return bins
+
+
+class FirstFitRows:
+    def __init__(self, docs: DocStore, seq_len: int):
+        self.docs, self.seq_len = docs, seq_len
+        lengths = np.asarray(docs.lengths, np.int64)
+        # Pieces: documents cut every seq_len tokens.
+        counts = np.maximum((lengths + seq_len - 1) // seq_len, 1)
+        doc = np.repeat(np.arange(len(lengths)), counts)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        start = (np.arange(len(doc)) - np.repeat(first, counts)) * seq_len
+        length = np.minimum(lengths[doc] - start, seq_len)
+        bins = first_fit(length, seq_len)
+        order = np.lexsort((np.arange(len(bins)), bins))  # pieces grouped by bin, in placement order
+        self.piece_doc, self.piece_start, self.piece_len = doc[order], start[order], length[order]
+        self.num_rows = int(bins.max()) + 1 if len(bins) else 0
+        self.row_ptr = np.searchsorted(bins[order], np.arange(self.num_rows + 1))
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        window = np.zeros(self.seq_len + 1, np.int32)
+        ids = np.full(self.seq_len + 1, -1, np.int64)
+        at = 0
+        for p in range(self.row_ptr[r], self.row_ptr[r + 1]):
+            s, n = self.piece_start[p], self.piece_len[p]
+            window[at : at + n] = self.docs[int(self.piece_doc[p])][s : s + n]
+            ids[at : at + n] = p
+            at += n
+        return make_row(window, ids)
+
+
+class ConcatRows:
+    """Several row sources one after the other (used for held-out rows of several datasets)."""
+
+    def __init__(self, parts: list):
+        self.parts = [p for p in parts if len(p)]
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        i = int(np.searchsorted(self.offsets, r, side="right")) - 1
+        return self.parts[i][r - int(self.offsets[i])]

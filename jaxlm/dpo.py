@@ -1,0 +1,132 @@
+"""Direct preference optimisation (Rafailov et al., 2023) on (prompt, chosen, rejected) pairs.
+
+loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
+
+with log-probabilities summed over the response tokens. The reference log-probs come from the JSONL
+("ref_chosen_logp", "ref_rejected_logp") or are computed once, before training, with the frozen reference
+model (the starting model unless `finetune.reference` names another run), so no second model stays in
+memory while training.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import chat
+from jaxlm.sft import Report
+from jaxlm.train_step import _token_losses
+
+SIDES = ("chosen", "rejected")
+
+
+def _prompt_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        return prompt
+    raise ValueError("'prompt' must be a string or a list of messages")
+
+
+def encode_pair(row: dict, template: chat.Template, encode: Callable[[str], list[int]]):
+    """{side: (tokens, response mask)} for one preference row; raises ValueError or chat.TemplateError."""
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, list)) for k in ("prompt", *SIDES)):
+        raise ValueError("row needs 'prompt', 'chosen' and 'rejected'")
+    messages = _prompt_messages(row["prompt"])
+    if not any(str(m.get("content", "")).strip() for m in messages) or not all(str(row[s]).strip() for s in SIDES):
+        raise ValueError("empty conversation")
+    prompt = template.render(messages, add_generation_prompt=True)
+    prompt_ids = list(template.prefix_ids) + encode(prompt)
+    out = {}
+    for side in SIDES:
+        full = template.render(messages + [{"role": "assistant", "content": row[side]}])
+        if not full.startswith(prompt):
+            raise chat.TemplateError("the chat template does not render the prompt as a prefix of the answer")
+        response = encode(full[len(prompt):])
+        out[side] = (np.asarray(prompt_ids + response, np.int32),
+                     np.asarray([0] * len(prompt_ids) + [1] * len(response), np.int32))
+    return out
+
+
+def build_rows(rows, template: chat.Template, encode: Callable, seq_len: int, report: Report) -> dict[str, np.ndarray]:
+    """Arrays (N, seq_len) per side: {side}_inputs/_targets/_positions/_segment_ids/_mask, and ref_{side} (N,)
+    (NaN where the row brings no reference log-prob)."""
+    pairs, refs = [], []
+    for where, row in rows:
+        try:
+            pair = encode_pair(row, template, encode)
+        except chat.TemplateError as e:
+            report.reject(f"chat template cannot render ({e})", where)
+            continue
+        except (ValueError, TypeError, AttributeError) as e:
+            report.reject(str(e) if isinstance(e, ValueError) else "malformed row", where)
+            continue
+        if max(len(t) for t, _ in pair.values()) > seq_len + 1:
+            report.reject(f"longer than train.seq_len={seq_len}", where)
+            continue
+        report.used += 1
+        pairs.append(pair)
+        refs.append([float(row.get(f"ref_{s}_logp", np.nan)) for s in SIDES])
+    n = len(pairs)
+    out = {}
+    for i, side in enumerate(SIDES):
+        arr = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "targets", "positions", "segment_ids", "mask")}
+        for r, pair in enumerate(pairs):
+            tokens, mask = pair[side]
+            m = len(tokens) - 1
+            arr["inputs"][r, :m], arr["targets"][r, :m] = tokens[:-1], tokens[1:]
+            arr["positions"][r, :m], arr["segment_ids"][r, :m] = np.arange(m), 1
+            arr["mask"][r, :m] = mask[1:]
+        out.update({f"{side}_{k}": v for k, v in arr.items()})
+        out[f"ref_{side}"] = np.asarray([ref[i] for ref in refs], np.float32).reshape(n)
+    return out
+
+
+def sequence_logps(apply_fn: Callable, params, batch: dict, rngs=None) -> dict[str, jax.Array]:
+    """{side: (B,) summed log-probs of the response tokens}, both sides in one forward pass."""
+    cat = lambda key: jnp.concatenate([batch[f"{s}_{key}"] for s in SIDES])
+    kwargs = {"rngs": rngs} if rngs else {}
+    logits = apply_fn({"params": params}, cat("inputs"), cat("positions"), cat("segment_ids"), **kwargs)
+    _, nll = _token_losses(logits, cat("targets"))
+    logp = -jnp.sum(nll * cat("mask").astype(jnp.float32), axis=-1)
+    b = batch["chosen_inputs"].shape[0]
+    return {"chosen": logp[:b], "rejected": logp[b:]}
+
+
+def make_loss(apply_fn: Callable, beta: float, dropout: bool = False):
+    """loss(params, batch, rng) -> (mean DPO loss, metrics) for `train_step.make_finetune_step`."""
+
+    def loss(params, batch, rng):
+        logp = sequence_logps(apply_fn, params, batch, {"dropout": rng} if dropout else None)
+        reward_c = beta * (logp["chosen"] - batch["ref_chosen"])
+        reward_r = beta * (logp["rejected"] - batch["ref_rejected"])
+        margin = reward_c - reward_r
+        metrics = {
+            "reward_chosen": reward_c.mean(), "reward_rejected": reward_r.mean(), "margin": margin.mean(),
+            "reward_accuracy": (margin > 0).astype(jnp.float32).mean(),
+            "tokens": (batch["chosen_mask"].sum() + batch["rejected_mask"].sum()).astype(jnp.float32),
+        }
+        return jnp.mean(jax.nn.softplus(-margin)), metrics  # softplus(-x) = -log sigmoid(x)
+
+    return loss
+
+
+def fill_reference(apply_fn: Callable, params, rows: dict[str, np.ndarray], batch_size: int, progress: bool = True) -> int:
+    """Computes the reference log-probs the data does not bring, in place; returns how many pairs it computed."""
+    missing = np.flatnonzero(np.isnan(rows["ref_chosen"]) | np.isnan(rows["ref_rejected"]))
+    if not len(missing):
+        return 0
+    from tqdm import tqdm
+
+    fn = jax.jit(lambda p, b: sequence_logps(apply_fn, p, b))
+    keys = [k for k in rows if not k.startswith("ref_")]
+    for i in tqdm(range(0, len(missing), batch_size), desc="reference log-probs", unit="batch", disable=not progress):
+        idx = missing[i:i + batch_size]
+        pad = np.resize(idx, batch_size)  # a fixed batch shape: one compilation
+        out = jax.device_get(fn(params, {k: rows[k][pad] for k in keys}))
+        for side in SIDES:
+            rows[f"ref_{side}"][idx] = out[side][:len(idx)]
+    return len(missing)

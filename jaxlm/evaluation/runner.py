@@ -1,0 +1,57 @@
+"""Runs named evaluation tasks on a model and its params; shared by `jaxlm eval` and the training hook.
+
+Task names:
+  perplexity            perplexity and bits-per-byte on held-out text (the run's own held-out split by default)
+  mc:FILE.jsonl         log-likelihood multiple choice (see jaxlm.evaluation.multiple_choice)
+  humaneval             HumanEval pass@1, greedy, code run in the sandbox
+"""
+
+from __future__ import annotations
+
+import time
+
+from jaxlm.config import Config, ConfigError
+from jaxlm.data import corpus
+from jaxlm.evaluation import humaneval, multiple_choice, perplexity
+from jaxlm.generate import Generator, SamplingConfig, complete
+from jaxlm.scoring import Scorer
+
+
+def heldout_texts(config: Config) -> list[str]:
+    """The documents the run held out from training (the same split the trainer's eval loss uses)."""
+    if config.data.prepared or config.data.seqio_task:
+        raise ConfigError("this run trained on prepared shards, which hold tokens rather than text; give the "
+                          "held-out text for perplexity with --text GLOB")
+    docs = corpus.documents(config.data.source)
+    return corpus.split(docs, config.data.eval_fraction)[1]
+
+
+def check_task(name: str) -> None:
+    if name in ("perplexity", "humaneval") or (name.startswith("mc:") and len(name) > 3):
+        return
+    raise ConfigError(f"unknown eval task {name!r}; use perplexity, mc:FILE.jsonl or humaneval")
+
+
+def run_tasks(model, params, tokenizer, config: Config, tasks: list[str], texts: list[str] | None = None,
+              limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
+              progress: bool = True, mesh=None) -> dict[str, dict]:
+    for name in tasks:
+        check_task(name)
+    scorer = Scorer(model, params, batch_size)
+    results = {}
+    for name in tasks:
+        start = time.perf_counter()
+        if name == "perplexity":
+            docs = texts if texts is not None else heldout_texts(config)
+            results[name] = perplexity.perplexity(scorer, tokenizer, docs[:limit], progress)
+        elif name.startswith("mc:"):
+            results[name] = multiple_choice.evaluate(scorer, tokenizer, multiple_choice.load_task(name[3:])[:limit])
+        else:
+            new_tokens = min(max_new_tokens, model.config.max_seq_len // 2)
+            generator = Generator(model, params, SamplingConfig(max_new_tokens=new_tokens), mesh)
+            complete_fn = lambda prompts: complete(generator, tokenizer, list(prompts), humaneval.STOP_SEQUENCES,
+                                                   batch_size, truncate=True)
+            results[name] = humaneval.evaluate(complete_fn, humaneval.problems()[:limit], batch_size=batch_size,
+                                               progress=progress)
+        results[name]["seconds"] = round(time.perf_counter() - start, 2)
+    return results

@@ -1,0 +1,222 @@
+"""Imports a Hugging Face checkpoint (config.json + safetensors) into jaxlm parameters or a run directory.
+
+Parameters are streamed: every jaxlm array is built with `jax.make_array_from_callback`, and each device's
+callback reads only its own block of the Hugging Face tensor from a memory map. No host ever holds more
+than its own shards, so a model larger than one host's memory loads across a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from jaxlm import attention, mesh as mesh_lib, optim, sharded_init
+from jaxlm.config import Config, ConfigError, ModelConfig, validate
+from jaxlm.hf import families, tokenizer as hf_tokenizer
+from jaxlm.hf.families import TensorMap
+from jaxlm.hf.tensors import SafetensorsDir, few
+from jaxlm.model import Transformer
+from jaxlm.sharding import tree_shardings
+from jaxlm.train_step import TrainState
+
+log = logging.getLogger(__name__)
+
+HF_CONFIG_FILE = "hf_config.json"  # the imported checkpoint's config.json, kept in the run for export
+
+
+def read_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{hf_dir} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def hf_dir_of(init_from: str) -> str:
+    """The directory named by `model.init_from=hf:DIR`."""
+    return os.path.abspath(os.path.expanduser(init_from.removeprefix("hf:")))
+
+
+def resolve_init_from(config: Config) -> Config:
+    """`config` with the model shape of its `model.init_from=hf:DIR` checkpoint, and that checkpoint's
+    tokenizer for the data unless one is set."""
+    hf_dir = hf_dir_of(config.model.init_from)
+    model = families.model_config(read_config(hf_dir), config.model)
+    data = config.data
+    if not data.tokenizer:
+        names = [n for n in (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.SENTENCEPIECE) if os.path.isfile(os.path.join(hf_dir, n))]
+        if not names:
+            raise ConfigError(f"{hf_dir} has no tokenizer.json or tokenizer.model; set data.tokenizer to the "
+                              f"model's tokenizer")
+        data = dataclasses.replace(data, tokenizer=os.path.join(hf_dir, names[0]))
+    return validate(dataclasses.replace(config, model=model, data=data))
+
+
+def copy_run_files(hf_dir: str, run_dir: str) -> str | None:
+    """Copies the tokenizer files and the Hugging Face config.json (as hf_config.json) into a run directory.
+    Returns the tokenizer file jaxlm reads, or None."""
+    from jaxlm.train import write_json_atomic
+
+    write_json_atomic(os.path.join(run_dir, HF_CONFIG_FILE), read_config(hf_dir))
+    return hf_tokenizer.copy_files(hf_dir, run_dir)
+
+
+def _block(ckpt: SafetensorsDir, m: TensorMap, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
+    """The block `index` (in jaxlm layout, one layer) of the parameter `m` describes."""
+    # Slices per view axis: jaxlm axis j is view axis perm[j]; a picked axis is one fixed index.
+    kept = [a for a in range(len(m.view)) if not m.pick or a != m.pick[0]]
+    view_index: list[slice] = [slice(None)] * len(m.view)
+    for j, s in enumerate(index):
+        view_index[kept[m.perm[j]]] = s
+    if m.pick:
+        view_index[m.pick[0]] = slice(m.pick[1], m.pick[1] + 1)
+    view_index = [slice(*s.indices(n)) for s, n in zip(view_index, m.view)]
+    # Each HF axis is read over the range of its outermost view axis; inner axes are sliced afterwards.
+    read, after, block_view = [], [], []
+    for group in families.view_groups(m):
+        inner = int(np.prod([m.view[a] for a in group[1:]]))
+        outer = view_index[group[0]]
+        read.append(slice(outer.start * inner, outer.stop * inner))
+        block_view += [outer.stop - outer.start] + [m.view[a] for a in group[1:]]
+        after += [slice(None)] + [view_index[a] for a in group[1:]]
+    name = m.hf.format(i=layer)
+    block = ckpt.read(name, tuple(read)).reshape(block_view)[tuple(after)]
+    if m.pick:
+        block = block[(slice(None),) * m.pick[0] + (0,)]
+    return block.transpose(m.perm)
+
+
+def check(ckpt: SafetensorsDir, c: ModelConfig) -> None:
+    """Raises ConfigError naming every missing, misshaped or unexpected tensor."""
+    top, layer = families.tensor_maps(c)
+    expected = {m.hf: m.hf_shape for m in top}
+    for i in range(c.num_layers):
+        expected.update({m.hf.format(i=i): m.hf_shape for m in layer})
+    present = set(ckpt.names())
+    missing = sorted(set(expected) - present)
+    misshaped = [f"{n} {list(ckpt.shape(n))} (expected {list(s)})" for n, s in expected.items()
+                 if n in present and ckpt.shape(n) != s]
+    ignored = {"lm_head.weight"} if c.tie_embeddings else set()  # some writers keep the tied copy
+    unexpected = sorted(n for n in present - set(expected) - ignored if not n.endswith(families.IGNORED_SUFFIXES))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {few(missing)}")
+    if misshaped:
+        problems.append(f"wrongly shaped tensors {few(misshaped)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {few(unexpected)}")
+    if problems:
+        raise ConfigError(f"{ckpt.directory} does not match its config.json: {'; '.join(problems)}. "
+                          f"The checkpoint is incomplete or not of the architecture its config names")
+
+
+def open_checkpoint(hf_dir: str, c: ModelConfig) -> SafetensorsDir:
+    ckpt = SafetensorsDir(hf_dir)
+    if c.architecture == "gpt2" and not any(n.startswith("transformer.") for n in ckpt.names()):
+        # The original GPT-2 uploads name tensors without the GPT2LMHeadModel prefix.
+        ckpt.entries = {f"transformer.{n}": e for n, e in ckpt.entries.items()}
+    check(ckpt, c)
+    return ckpt
+
+
+def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) -> dict:
+    """The model's parameters from `hf_dir`, each array on its target sharding (jaxlm.sharding rules)."""
+    ckpt = open_checkpoint(hf_dir, c)
+    model = Transformer(c, "xla")
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    shardings = traverse_util.flatten_dict(tree_shardings(boxed, mesh), is_leaf=lambda _, x: not isinstance(x, dict))
+    abstract = traverse_util.flatten_dict(sharded_init.strip_boxes(boxed))
+    top, layer = families.tensor_maps(c)
+    jobs = [(m, None, m.path) for m in top]
+    if c.scan_layers:
+        jobs += [(m, "stacked", ("layers", *m.path)) for m in layer]
+    else:
+        jobs += [(m, i, (f"layers_{i}", *m.path)) for i in range(c.num_layers) for m in layer]
+    if sorted(p for _, _, p in jobs) != sorted(abstract):
+        raise AssertionError(f"tensor maps do not cover the model: {sorted(set(abstract) ^ {p for _, _, p in jobs})}")
+
+    from tqdm import tqdm
+
+    out = {}
+    for m, where, path in tqdm(jobs, desc="import", unit="tensor", disable=not progress or jax.process_index()):
+        target = abstract[path]
+
+        def read(index, m=m, where=where, dtype=target.dtype):
+            index = index or (slice(None),) * len(target.shape)
+            if where == "stacked":  # fill one array layer by layer: a single copy, converted on assignment
+                layers = range(*index[0].indices(c.num_layers))
+                first = _block(ckpt, m, layers[0], index[1:])
+                out = np.empty((len(layers), *first.shape), dtype)
+                out[0] = first
+                for k, i in enumerate(layers[1:], 1):
+                    out[k] = _block(ckpt, m, i, index[1:])
+                return out
+            return _block(ckpt, m, where, index).astype(dtype)
+
+        out[path] = jax.make_array_from_callback(target.shape, shardings[path], read, dtype=target.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def state_from_hf(init, abstract: TrainState, hf_dir: str, c: ModelConfig, mesh: Mesh) -> TrainState:
+    """A fresh train state whose params come from `hf_dir`. The optimizer state, step and RNG are what `init`
+    makes (they do not depend on the params' values, so XLA never computes the random params)."""
+    params = load_params(hf_dir, c, mesh)
+    rest_shardings = jax.tree.map(lambda a: a.sharding, abstract.replace(params=None))
+    rest = jax.jit(lambda: sharded_init.strip_boxes(init()).replace(params=None), out_shardings=rest_shardings)()
+    return rest.replace(params=params)
+
+
+def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
+    """Writes a jaxlm run directory at `out` (config.json, an Orbax checkpoint at step 0, the tokenizer and
+    chat template) that `jaxlm generate`, `jaxlm train OUT/config.json` and export read."""
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.overrides import to_dict
+    from jaxlm.train import write_json_atomic
+
+    hf_dir, out = os.path.abspath(os.path.expanduser(hf_dir)), os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out) and os.listdir(out):
+        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
+    hf = read_config(hf_dir)
+    base = base or Config()
+    model = families.model_config(hf, base.model)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tok_file = copy_run_files(hf_dir, tmp)
+    if tok_file is None:
+        log.warning("%s has no tokenizer.json or tokenizer.model: copy the model's tokenizer into %s before "
+                    "generating from or exporting it", hf_dir, out)
+    config = dataclasses.replace(
+        base, name=base.name if base.name != "run" else os.path.basename(out), model=model,
+        train=dataclasses.replace(base.train, run_dir=out, seq_len=min(base.train.seq_len, model.max_seq_len)),
+        data=dataclasses.replace(base.data, tokenizer=os.path.join(out, tok_file) if tok_file else base.data.tokenizer),
+        checkpoint=dataclasses.replace(base.checkpoint, dir=""),
+    )
+    validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    jax_model = Transformer(model, attention.resolve(model.attention))
+    tx = optim.build_optimizer(config.optim, config.train.steps, sharded_init.abstract_params(jax_model))
+    with jax.set_mesh(mesh):
+        init = sharded_init.make_init_fn(jax_model, tx, config.train.seed)
+        abstract = sharded_init.abstract_state(init, mesh)
+        state = state_from_hf(init, abstract, hf_dir, model, mesh)
+        ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), dataclasses.replace(config.checkpoint, async_save=False))
+        ckpt.save(0, state, None, to_dict(config), force=True)
+        ckpt.close()
+    write_json_atomic(os.path.join(tmp, "config.json"), to_dict(config))
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty, checked above
+    os.replace(tmp, out)
+    return config

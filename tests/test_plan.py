@@ -1,0 +1,152 @@
+"""`jaxlm plan`: targets, the analytic memory model against real arrays and against XLA's TPU compiler,
+and the llama3_8b fit answers from the real ahead-of-time compile.
+
+The TPU tests need libtpu (`pip install "jaxlm[tpu-plan]"`) and are skipped without it; they compile
+large programs, so they are marked slow.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from conftest import small_config
+
+from jaxlm import mesh as mesh_lib, optim, overrides, plan, plan_memory, sharded_init
+from jaxlm.config import ConfigError
+from jaxlm.model import Transformer
+
+# Compile-only TPU use: quiet libtpu's host probing, and let several test processes load it.
+for key, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                   ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(key, value)
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='libtpu not installed (pip install "jaxlm[tpu-plan]")')
+GIB = 1 << 30
+
+
+def with_(config, section, **fields):
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **fields)})
+
+
+@pytest.mark.parametrize("name,chips,topology,hbm_gib", [
+    ("v5p-256", 128, "v5p:4x4x8", 95), ("v5p-64", 32, "v5p:2x4x4", 95), ("v4-32", 16, "v4:2x2x4", 32),
+    ("v5e:8x8", 64, "v5e:8x8", 16), ("v5litepod-16", 16, "v5e:4x4", 16), ("v6e-256", 256, "v6e:16x16", 32),
+    ("v5e:1x1", 1, "v5e:1x1", 16),
+])
+def test_tpu_targets(name, chips, topology, hbm_gib):
+    t = plan.parse_target(name)
+    assert (t.platform, t.chips, t.topology, t.hbm) == ("tpu", chips, topology, hbm_gib * GIB)
+
+
+def test_gpu_and_multislice_targets_and_errors():
+    t = plan.parse_target("h100x8")
+    assert (t.platform, t.chips, t.hbm) == ("gpu", 8, 80 * 10**9)
+    t = plan.parse_target("v6e-256", slices=2)
+    assert (t.chips, t.slices, t.per_slice, t.topology) == (512, 2, 256, "v6e:16x16")
+    for bad, match in (("v9-8", "unknown target"), ("v5p-100", "not a standard v5p slice"),
+                       ("v5e:2x2x2", "v5e topologies have 2 dimensions"), ("tpu", "unknown target")):
+        with pytest.raises(ConfigError, match=match):
+            plan.parse_target(bad)
+
+
+def test_mesh_that_does_not_match_the_topology_is_an_error():
+    config = overrides.load(["llama3_8b", "mesh.fsdp=3"])
+    with pytest.raises(ConfigError, match="multiply to 3 but there are 64 devices"):
+        plan.make_plan(config, plan.parse_target("v5e:8x8"), method="analytic")
+    config = overrides.load(["llama3_8b", "train.batch_size=32"])
+    with pytest.raises(ConfigError, match="not divisible by the 64-way batch sharding"):
+        plan.make_plan(config, plan.parse_target("v5e:8x8"), method="analytic")
+
+
+def test_analytic_state_bytes_equal_the_real_sharded_arrays():
+    """Parameters and optimizer state per device, from shapes alone, against arrays built on a 2x4 mesh."""
+    config = with_(small_config(vocab_size=512, d_model=64, num_heads=8, num_kv_heads=4), "mesh",
+                   fsdp=2, tensor=4)
+    model = Transformer(config.model)
+    tx = optim.build_optimizer(config.optim, config.train.steps, sharded_init.abstract_params(model))
+    mesh = mesh_lib.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+        state, _ = sharded_init.create(sharded_init.make_init_fn(model, tx, 0), mesh)
+
+    def on_device0(tree):
+        dev = jax.devices()[0]
+        return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == dev)
+
+    memory = plan_memory.analytic(config, mesh_lib.mesh_shape(config.mesh, 8)["ici"])
+    assert memory.params == on_device0(state.params)
+    assert memory.optimizer == on_device0(state.opt_state)
+
+
+def test_plan_report_names_its_methods_and_suggests_a_fix():
+    config = overrides.load(["llama3_8b"])
+    result = plan.make_plan(config, plan.parse_target("v5p-64"), mfu=0.5, method="analytic")
+    assert not result.fits and result.compiled is None
+    assert result.suggestion == "optim.grad_accum=2"
+    fixed = plan.make_plan(overrides.load(["llama3_8b", "optim.grad_accum=2"]), plan.parse_target("v5p-64"),
+                           method="analytic")
+    assert fixed.fits
+    # 6N + attention FLOPs per token times the tokens of a step; the time at the stated MFU.
+    assert result.step_flops == pytest.approx(2.4286e17, rel=1e-3)
+    assert result.step_time == pytest.approx(result.step_flops / (32 * 459e12 * 0.5))
+    text = plan.format_plan(config, result)
+    for row in ("parameters", "optimizer state", "saved activations (remat=full)", "largest temporaries",
+                "DOES NOT FIT", "FLOPs per step", "at MFU 50%", "suggestion", "fsdp=32 on v5p:2x4x4"):
+        assert row in text, row
+    assert "analytic (exact shapes)" in text and "not compiled: analytic only" in text
+
+
+def test_cli_plan_help():
+    proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "plan", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "--target" in proc.stdout and "tpu-plan" in proc.stdout
+
+
+# --- the real ahead-of-time compile for TPU ----------------------------------------------------------
+
+def compile_plan(words, target):
+    return plan.make_plan(overrides.load(words), plan.parse_target(target), method="compile")
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_llama3_8b_with_adamw_does_not_fit_one_v5e_chip():
+    # Even one sequence: 8.03B float32 parameters plus two Adam moments are 96 GB before any activation.
+    result = compile_plan(["llama3_8b", "train.batch_size=1"], "v5e:1x1")
+    assert result.compiled is not None and result.compiled.platform == "tpu"
+    assert not result.fits
+    assert result.compiled.oom or result.compiled.argument > 90 * 10**9
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_llama3_8b_with_adamw_fits_v5e_8x8():
+    result = compile_plan(["llama3_8b", "optim.grad_accum=8"], "v5e:8x8")
+    assert result.compiled is not None and result.compiled.oom is None
+    assert result.fits, plan.format_plan(overrides.load(["llama3_8b", "optim.grad_accum=8"]), result)
+    assert "over" in result.placement  # mapped onto the physical torus
+
+
+VALIDATION = [  # (overrides, target): shapes, meshes and remat policies the model was not fitted on
+    (["model.remat=full", "train.batch_size=32"], "v5e:2x4"),
+    (["model.remat=save_attention_out", "mesh.data=2", "mesh.fsdp=4", "train.batch_size=32"], "v5e:2x4"),
+    (["model.remat=dots", "mesh.fsdp=4", "mesh.tensor=2", "train.batch_size=32"], "v5e:2x4"),
+    (["model.remat=none", "train.batch_size=8"], "v5e:2x4"),
+]
+MEDIUM = ["llama3_1b", "model.vocab_size=50000", "model.d_model=2048", "model.num_layers=4", "model.num_heads=16",
+          "model.num_kv_heads=8", "model.head_dim=128", "model.mlp_dim=5632", "train.seq_len=1024",
+          "model.max_seq_len=4096", "model.tie_embeddings=False"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("words,target", VALIDATION, ids=[w[0] for w, _ in VALIDATION])
+def test_analytic_memory_within_15_percent_of_the_tpu_compiler(words, target):
+    result = compile_plan(MEDIUM + words, target)
+    assert result.compiled.oom is None
+    ratio = result.memory.total / result.compiled.total
+    assert 0.85 <= ratio <= 1.15, f"analytic {result.memory.total / GIB:.2f} GiB vs XLA {result.compiled.total / GIB:.2f} GiB"
