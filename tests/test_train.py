@@ -190,6 +190,7 @@ def test_weight_decay_mask_and_schedule():
     np.testing.assert_allclose([float(sched(s)) for s in (0, 9, 10, 110)], [0.1, 1.0, 1.0, 0.1], rtol=1e-6)
 
 
+@pytest.mark.slow  # about 90 s on 2 cores; CI runs it in the slow pass
 def test_tiny_preset_learns_the_bible(tmp_path):
     """120 steps of the tiny model on the real corpus. An untrained model scores ln(8192) = 9.01 nats and
     the best context-free (unigram) model 6.00; the bound needs context to be met."""
