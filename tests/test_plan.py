@@ -112,8 +112,7 @@ def compile_plan(words, target):
     return plan.make_plan(overrides.load(words), plan.parse_target(target), method="compile")
 
 
-@needs_libtpu
-@pytest.mark.slow
+@needs_libtpu  # a few seconds: the one TPU compile in the default run (CI installs the tpu-plan extra)
 def test_llama3_8b_with_adamw_does_not_fit_one_v5e_chip():
     # Even one sequence: 8.03B float32 parameters plus two Adam moments are 96 GB before any activation.
     result = compile_plan(["llama3_8b", "train.batch_size=1"], "v5e:1x1")
