@@ -91,10 +91,11 @@ def _generate(args) -> int:
         if token == tok.eos_id():
             break
         output.append(token)
-        text = cut_at_stop(tok.decode(output), stops)
+        decoded = tok.decode(output)
+        text = cut_at_stop(decoded, stops)
         print(text[len(shown):], end="", flush=True)  # stream the new text as it arrives
         shown = text
-        if any(stop in tok.decode(output) for stop in stops):
+        if len(text) < len(decoded):  # a stop string was cut off
             break
     print()
     return 0

@@ -142,14 +142,16 @@ def train(config: Config) -> dict:
 def _task_evaluator(config: Config, model, tokenizer_path: str) -> Callable[[dict], dict[str, dict]]:
     """params -> results of `train.eval_tasks`, run with the training mesh's params as they are."""
     from jaxlm.evaluation import runner
+    from jaxlm.scoring import Scorer
 
     for task in config.train.eval_tasks:
         runner.check_task(task)
     tokenizer = hf_tokenizer.load(tokenizer_path)
     texts = runner.heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
     limit = config.train.eval_limit or None
+    scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape
     return lambda params: runner.run_tasks(model, params, tokenizer, config, list(config.train.eval_tasks),
-                                           texts=texts, limit=limit, progress=False)
+                                           texts=texts, limit=limit, progress=False, scorer=scorer)
 
 
 def _log_memory(compiled) -> None:

@@ -126,11 +126,7 @@ def build_parser():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    train = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, train = argv[:i], argv[i + 1:]
+    argv, train = tpu.split_command(argv)
     args = build_parser().parse_args(argv)
     args.train = train
     try:

@@ -15,6 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpu  # noqa: E402  (launch/tpu.py: split_command)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE = os.path.join(HERE, "slurm.sbatch")
 
@@ -43,11 +46,7 @@ def render(args) -> str:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    train = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, train = argv[:i], argv[i + 1:]
+    argv, train = tpu.split_command(argv)
     p = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__.split("\n")[0],
                                 usage="%(prog)s [-h] [--dry-run] --nodes N --checkpoint-dir DIR [options] "
                                       "-- jaxlm train CONFIG...")

@@ -241,14 +241,18 @@ def on_path(program):
     return any(os.access(os.path.join(d, program), os.X_OK) for d in os.get_exec_path())
 
 
-def main(argv=None):
+def split_command(argv) -> tuple[list[str], list[str]]:
+    """(launcher arguments, the command after --). Split by hand: argparse positionals cannot reliably
+    take "everything after --" when options come between NAME and the command."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Split off the remote command ourselves: argparse positionals cannot reliably take
-    # "everything after --" when options come between NAME and the command.
-    remote = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, remote = argv[:i], argv[i + 1:]
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def main(argv=None):
+    argv, remote = split_command(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if remote and args.subcommand != "run":

@@ -34,10 +34,12 @@ def check_task(name: str) -> None:
 
 def run_tasks(model, params, tokenizer, config: Config, tasks: list[str], texts: list[str] | None = None,
               limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
-              progress: bool = True, mesh=None) -> dict[str, dict]:
+              progress: bool = True, mesh=None, scorer: Scorer | None = None) -> dict[str, dict]:
+    """`scorer`: one kept across calls (the training hook) reuses its compiled programs; it gets `params`."""
     for name in tasks:
         check_task(name)
-    scorer = Scorer(model, params, batch_size)
+    scorer = scorer or Scorer(model, params, batch_size)
+    scorer.params = params
     results = {}
     for name in tasks:
         start = time.perf_counter()
