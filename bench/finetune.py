@@ -57,7 +57,7 @@ def run_one(words: list[str], mode: str, steps: int, batch: int, seq: int, rank:
     batch_np = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
                 "segment_ids": np.ones((batch, seq), np.int32), "loss_mask": np.ones((batch, seq), np.int32)}
     with jax.set_mesh(mesh):
-        state, apply_fn, trainable, tx, lo = finetune.build_state(config, model, None, mesh)
+        state, _, apply_fn, trainable, tx, lo = finetune.build_state(config, model, None, mesh)
         params = state.params
         frozen = params["base"] if lo else {}
         trained = params["lora"] if lo else params

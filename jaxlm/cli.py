@@ -187,14 +187,18 @@ def _run_finetune(config) -> int:
     from jaxlm import finetune
 
     s = finetune.finetune(config)
+    if s.get("stopped_by"):
+        print(f"stopped by {s['stopped_by']} at step {s['step']}; run the same command to resume")
     print(f"run directory: {s['run_dir']}")
     print(f"  data: {s['data']}")
-    line = f"  final train loss {s['loss']:.4f}"
-    if "margin" in s:
-        line += f", margin {s['margin']:.4f}, reward accuracy {s['reward_accuracy']:.2f}"
-    if s.get("eval"):
-        line += f"; eval loss {s['eval_before']['loss']:.4f} -> {s['eval']['loss']:.4f}"
-    print(line)
+    if "loss" in s:
+        line = f"  final train loss {s['loss']:.4f}"
+        if "margin" in s:
+            line += f", margin {s['margin']:.4f}, reward accuracy {s['reward_accuracy']:.2f}"
+        if s.get("eval"):
+            before = f"{s['eval_before']['loss']:.4f} -> " if s.get("eval_before") else ""
+            line += f"; eval loss {before}{s['eval']['loss']:.4f}"
+        print(line)
     print(f"  base params: {s['base_mib']:.1f} MiB")
     if "adapters" in s:
         print(f"  LoRA adapters: {s['adapters']}  (jaxlm peft export RUN OUT writes them for peft)")

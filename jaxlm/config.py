@@ -218,7 +218,11 @@ class LoraConfig:
     alpha: float = 16.0  # the update is (alpha / rank) * A @ B
     dropout: float = 0.0  # drops whole rank components of the adapter during training (see jaxlm/lora.py)
     quantize: Literal["none", "int8", "int4", "nf4"] = "none"  # QLoRA: store the frozen base quantized
-    block_size: int = 64  # quantization block size along a weight's input dimension
+    block_size: int = 64  # quantization block size along a weight's last (output) axis
+    # A directory of jaxlm adapters (adapters.safetensors + adapters.json, written by lora.save_adapters) or a
+    # PEFT adapter directory (adapter_config.json + adapter_model.safetensors); empty starts from fresh
+    # adapters (B = 0). The rank must match; a different alpha rescales B so the update is kept.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import chat
-from jaxlm.sft import Report
+from jaxlm.sft import Report, usable
 from jaxlm.train_step import _token_losses
 
 SIDES = ("chosen", "rejected")
@@ -55,19 +55,8 @@ def build_rows(rows, template: chat.Template, encode: Callable, seq_len: int, re
     """Arrays (N, seq_len) per side: {side}_inputs/_targets/_positions/_segment_ids/_mask, and ref_{side} (N,)
     (NaN where the row brings no reference log-prob)."""
     pairs, refs = [], []
-    for where, row in rows:
-        try:
-            pair = encode_pair(row, template, encode)
-        except chat.TemplateError as e:
-            report.reject(f"chat template cannot render ({e})", where)
-            continue
-        except (ValueError, TypeError, AttributeError) as e:
-            report.reject(str(e) if isinstance(e, ValueError) else "malformed row", where)
-            continue
-        if max(len(t) for t, _ in pair.values()) > seq_len + 1:
-            report.reject(f"longer than train.seq_len={seq_len}", where)
-            continue
-        report.used += 1
+    encode_row = lambda row: encode_pair(row, template, encode)
+    for row, pair in usable(rows, encode_row, lambda p: max(len(t) for t, _ in p.values()), seq_len, report):
         pairs.append(pair)
         refs.append([float(row.get(f"ref_{s}_logp", np.nan)) for s in SIDES])
     n = len(pairs)
@@ -107,7 +96,8 @@ def make_loss(apply_fn: Callable, beta: float, dropout: bool = False):
         metrics = {
             "reward_chosen": reward_c.mean(), "reward_rejected": reward_r.mean(), "margin": margin.mean(),
             "reward_accuracy": (margin > 0).astype(jnp.float32).mean(),
-            "tokens": (batch["chosen_mask"].sum() + batch["rejected_mask"].sum()).astype(jnp.float32),
+            "tokens": sum(jnp.sum(batch[f"{s}_segment_ids"] > 0) for s in SIDES).astype(jnp.float32),
+            "weight": jnp.asarray(margin.shape[0], jnp.float32),  # the loss is a mean over pairs
         }
         return jnp.mean(jax.nn.softplus(-margin)), metrics  # softplus(-x) = -log sigmoid(x)
 
@@ -121,7 +111,10 @@ def fill_reference(apply_fn: Callable, params, rows: dict[str, np.ndarray], batc
         return 0
     from tqdm import tqdm
 
-    fn = jax.jit(lambda p, b: sequence_logps(apply_fn, p, b))
+    # Replicated output under a mesh: every process can read it (on several hosts, a batch-sharded one would not be).
+    on_mesh = not jax.sharding.get_abstract_mesh().empty
+    fn = jax.jit(lambda p, b: sequence_logps(apply_fn, p, b),
+                 out_shardings=jax.sharding.PartitionSpec() if on_mesh else None)
     keys = [k for k in rows if not k.startswith("ref_")]
     for i in tqdm(range(0, len(missing), batch_size), desc="reference log-probs", unit="batch", disable=not progress):
         idx = missing[i:i + batch_size]

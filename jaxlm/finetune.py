@@ -1,35 +1,41 @@
 """`jaxlm finetune`: SFT or DPO of a base model, fully or through LoRA / QLoRA, top to bottom.
 
-config -> base model and tokenizer -> chat template -> data (bad rows counted) -> mesh -> state (base
-params, adapters, optimizer with the trainable mask) -> [DPO: reference log-probs] -> compiled step ->
-loop -> adapters, merged checkpoint (a run directory that `jaxlm generate` and `jaxlm convert to-hf` read).
+config -> multi-host setup -> mesh -> base model and tokenizer -> chat template -> data (bad rows counted)
+-> state (base params, adapters, optimizer with the trainable mask) -> [DPO: reference log-probs] -> restore
+the latest checkpoint -> compiled step -> `train.Loop` (logging, evals, checkpoints, preemption, watchdog)
+-> adapters and merged model (a run directory that `jaxlm generate` and `jaxlm convert to-hf` read).
+
+Checkpoints: a full finetune checkpoints its whole train state in `<run>/checkpoints`, which is also the
+model that generate and export read. A LoRA run checkpoints only the adapters, their optimizer state and
+the step in `<run>/train_state` (the frozen base is rebuilt from `finetune.base` on resume), and writes the
+merged model to `<run>/checkpoints` when it finishes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
-from jaxlm import attention, chat, dpo, lora as lora_lib, mesh as mesh_lib, optim, sft, sharded_init
+from jaxlm import attention, chat, distributed, dpo, lora as lora_lib, mesh as mesh_lib, optim, sft, sharded_init
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
-from jaxlm.metrics import MetricsWriter
 from jaxlm.model import Transformer
 from jaxlm.overrides import to_dict
 from jaxlm.sharding import batch_divisor, global_batch
-from jaxlm.train import run_dir_of, write_json_atomic
+from jaxlm.train import Loop, run_dir_of, write_json_atomic
 from jaxlm.train_step import TrainState, make_finetune_step
 
 log = logging.getLogger("jaxlm.finetune")
-ADAPTER_DIR = "adapters"
+ADAPTER_DIR, TRAIN_STATE_DIR = "adapters", "train_state"
 
 
 @dataclasses.dataclass
@@ -41,28 +47,35 @@ class Base:
     model_dir: str  # where its chat template and tokenizer files live ("" for none)
 
 
-def load_base(config: Config, run_dir: str) -> Base:
-    """The starting model: a jaxlm run directory, hf:DIR (converted once into <run>/base), or random weights."""
+def load_base(config: Config, run_dir: str, mesh, primary: bool = True) -> Base:
+    """The starting model: a jaxlm run directory, hf:DIR (streamed onto `mesh`), or random weights."""
     from jaxlm.data import tokenizer as tokenizer_lib
-    from jaxlm.hf import tokenizer as hf_tokenizer
+    from jaxlm.hf import families, importer, tokenizer as hf_tokenizer
     from jaxlm.inference import load_run
 
     ref = config.finetune.base or config.model.init_from
+    m = config.model
     if ref.startswith("hf:"):
-        from jaxlm.hf import importer
-
-        converted = os.path.join(run_dir, "base")
-        if not os.path.isdir(converted):
-            importer.convert(importer.hf_dir_of(ref), converted)
-        ref = converted
+        hf_dir = importer.hf_dir_of(ref)
+        model = dataclasses.replace(families.model_config(importer.read_config(hf_dir), m), init_from="")
+        params = importer.load_params(hf_dir, model, mesh, progress=config.train.progress)
+        # Tokenizer, chat template and the Hugging Face config.json travel with the run, for generate and export.
+        tok_name = importer.copy_run_files(hf_dir, run_dir) if primary else None
+        return Base(dataclasses.replace(config, model=model), params, hf_tokenizer.load_for_run(hf_dir),
+                    os.path.join(run_dir, tok_name or ""), hf_dir)
     if ref:
         run = load_run(ref)
-        tok_name = hf_tokenizer.copy_files(ref, run_dir)  # tokenizer and template travel with the finetuned run
+        if primary:
+            tok_name = hf_tokenizer.copy_files(ref, run_dir)
+            if os.path.isfile(os.path.join(ref, importer.HF_CONFIG_FILE)):
+                with open(os.path.join(ref, importer.HF_CONFIG_FILE)) as f:
+                    write_json_atomic(os.path.join(run_dir, importer.HF_CONFIG_FILE), json.load(f))
+        else:
+            tok_name = None
         # The base fixes the shape and parameter layout; how to compute (dtype, remat, kernel) is this run's choice.
-        m = config.model
         model = dataclasses.replace(run.config.model, dtype=m.dtype, remat=m.remat, attention=m.attention, init_from="")
-        config = dataclasses.replace(config, model=model)
-        return Base(config, run.params, run.tokenizer, os.path.join(run_dir, tok_name or ""), ref)
+        return Base(dataclasses.replace(config, model=model), run.params, run.tokenizer,
+                    os.path.join(run_dir, tok_name or ""), ref)
     if config.data.tokenizer:
         return Base(config, None, tokenizer_lib.load(config.data.tokenizer), config.data.tokenizer, "")
     # Random weights and no tokenizer given: train one on the finetuning text itself (tests, smoke runs).
@@ -135,7 +148,8 @@ def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int)
 
 
 def build_state(config: Config, model: Transformer, base_params, mesh):
-    """(state, apply_fn, trainable key, tx, lora or None): the sharded train state for full or LoRA finetuning."""
+    """(state, abstract state, apply_fn, trainable key, tx, lora or None): the sharded train state for full or
+    LoRA finetuning, with the base params in place."""
     c, steps, seed = config.lora, config.train.steps, config.train.seed
     if not c.targets:
         tx = optim.build_optimizer(config.optim, steps, sharded_init.abstract_params(model))
@@ -150,87 +164,155 @@ def build_state(config: Config, model: Transformer, base_params, mesh):
     abstract = sharded_init.abstract_state(init, mesh)
     state = sharded_init.materialize(init, abstract)
     if base_params is not None:
-        if c.quantize != "none":
-            from jaxlm.quantize import quantize_params
+        if c.quantize != "none":  # under jit: each code and scale is made on its own shards
+            from jaxlm.quantize import quantize_sharded
 
-            base_params = quantize_params(base_params, c.quantize, c.block_size)
+            base_params = quantize_sharded(base_params, c.quantize, c.block_size, boxed, mesh)
         target = abstract.params if lo is None else abstract.params["base"]
         base_params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), base_params, target)
         state = state.replace(params=base_params if lo is None else {**state.params, "base": base_params})
-    return state, apply_fn, trainable, tx, lo
+    if c.init_from:  # continue from saved or PEFT adapters instead of fresh ones
+        directory = os.path.expanduser(c.init_from)
+        if os.path.isfile(os.path.join(directory, ADAPTER_DIR, lora_lib.ADAPTER_FILE)):
+            directory = os.path.join(directory, ADAPTER_DIR)  # a finetuned run directory
+        adapters = lora_lib.initial_adapters(directory, lo, config.model, seed)
+        adapters = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), adapters, abstract.params["lora"])
+        state = state.replace(params={**state.params, "lora": adapters})
+    return state, abstract, apply_fn, trainable, tx, lo
 
 
 def finetune(config: Config) -> dict:
-    """Finetunes per `config` (config.task is sft or dpo). Returns a summary of the run."""
+    """Finetunes per `config` (config.task is sft or dpo), resuming from the run's latest checkpoint.
+    Returns a summary of the run."""
     if config.task not in ("sft", "dpo"):
         raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft or task=dpo")
-    if config.optim.grad_accum != 1:
-        raise ConfigError("optim.grad_accum must be 1 for finetuning; lower train.batch_size instead")
+    t, accum = config.train, config.optim.grad_accum
+    if config.lora.init_from and not config.lora.targets:
+        raise ConfigError("lora.init_from needs lora.targets (the adapted weights); set them as the adapters were trained")
+    if accum < 1 or t.batch_size % accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by optim.grad_accum={accum}")
     run_dir = run_dir_of(config)
+    # 1. Multi-host runtime, then the mesh: the base is loaded straight onto it.
+    distributed.initialize(config.distributed)
+    primary = jax.process_index() == 0
+    if not primary:
+        logging.getLogger("jaxlm").setLevel(logging.WARNING)
     os.makedirs(run_dir, exist_ok=True)
-    base = load_base(config, run_dir)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    if (t.batch_size // accum) % batch_divisor(mesh):
+        raise ConfigError(f"train.batch_size/optim.grad_accum={t.batch_size // accum} is not divisible by the "
+                          f"{batch_divisor(mesh)}-way batch sharding (mesh data*fsdp*expert); change one of them")
+
+    # 2. Base model and tokenizer; the run directory carries the tokenizer, so generate and export need nothing else.
+    base = load_base(config, run_dir, mesh, primary)
     config = base.config
-    t = config.train
     if t.seq_len > config.model.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds the base model's max_seq_len={config.model.max_seq_len}")
-    write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(config))
-    # The run directory carries its tokenizer, so that generate and export need nothing else.
-    name = "tokenizer.json" if base.tokenizer_path.endswith(".json") else "tokenizer.model"
-    if base.tokenizer_path and os.path.abspath(base.tokenizer_path) != os.path.join(run_dir, name):
-        import shutil
-
-        shutil.copyfile(base.tokenizer_path, os.path.join(run_dir, f"{name}.tmp"))
-        os.replace(os.path.join(run_dir, f"{name}.tmp"), os.path.join(run_dir, name))
-
-    # Chat template: the given file, the base model's, or ChatML. Sentencepiece models get their BOS first.
     tok = base.tokenizer
     is_sp = type(tok).__name__ == "SentencePieceProcessor"
+    # Chat template: the given file, the base model's, or ChatML. Sentencepiece models get their BOS first.
     template = chat.load(config.finetune.chat_template, base.model_dir,
                          prefix_ids=(tok.bos_id(),) if is_sp and tok.bos_id() >= 0 else ())
-    with open(os.path.join(run_dir, "chat_template.jinja.tmp"), "w", encoding="utf-8") as f:
-        f.write(template.source)
-    os.replace(os.path.join(run_dir, "chat_template.jinja.tmp"), os.path.join(run_dir, "chat_template.jinja"))
+    if primary:
+        write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(config))
+        _copy_tokenizer(base.tokenizer_path, run_dir)
+        _write_atomic(os.path.join(run_dir, "chat_template.jinja"), template.source)
+
+    # 3. Data: every row encoded once, bad rows counted by reason.
     train_rows, eval_rows, report = build_data(config, template, tok, t.seq_len)
 
-    mesh = mesh_lib.make_mesh(config.mesh)
-    if t.batch_size % batch_divisor(mesh):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {batch_divisor(mesh)}-way "
-                          f"batch sharding (mesh data*fsdp*expert); change one of them")
     model = Transformer(config.model, attention.resolve(config.model.attention))
     dropout = bool(config.lora.targets) and config.lora.dropout > 0
     with jax.set_mesh(mesh):
-        state, apply_fn, trainable, tx, lo = build_state(config, model, base.params, mesh)
+        # 4. State: base params (quantized for QLoRA), adapters or full params, optimizer.
+        state, abstract, apply_fn, trainable, tx, lo = build_state(config, model, base.params, mesh)
+        base.params = None  # the state holds the (possibly quantized) base now
         base_bytes = _nbytes(state.params if lo is None else state.params["base"])
         log.info("base params %.1f MiB%s", base_bytes / 2**20,
                  f" ({config.lora.quantize})" if config.lora.quantize != "none" else "")
-        if config.task == "dpo":
+        checkpointed = (lambda s: s) if lo is None else (lambda s: s.replace(params={"lora": s.params["lora"]}))
+        model_dir = config.checkpoint.dir or os.path.join(run_dir, "checkpoints")  # what generate and export read
+        ckpt_dir = model_dir if lo is None else os.path.join(run_dir, TRAIN_STATE_DIR)
+        ckpt = Checkpointer(ckpt_dir, config.checkpoint)
+        latest = ckpt.latest_step() if config.checkpoint.resume else None
+        done = latest is not None and latest >= t.steps
+
+        # 5. DPO reference log-probs, from the starting model: computed before any checkpoint is restored.
+        if config.task == "dpo" and not done:
             ref_params, ref_apply = _reference(config, state, apply_fn)
             for rows in (train_rows, eval_rows):
                 if rows is not None:
-                    dpo.fill_reference(ref_apply, ref_params, rows, t.batch_size, t.progress)
-            make = lambda drop: dpo.make_loss(apply_fn, config.finetune.beta, drop)
-        else:
-            make = lambda drop: sft.make_loss(apply_fn, drop)
-        loss, no_dropout = make(dropout), make(False)
-        eval_loss = jax.jit(lambda p, b: no_dropout(p, b, None))
+                    dpo.fill_reference(ref_apply, ref_params, rows, t.batch_size, t.progress and primary)
+            del ref_params
+        make = (lambda drop: dpo.make_loss(apply_fn, config.finetune.beta, drop)) if config.task == "dpo" else (
+            lambda drop: sft.make_loss(apply_fn, drop))
+        eval_loss = jax.jit(lambda p, b: make(False)(p, b, None))
         evaluate = (lambda params: _evaluate(eval_loss, params, eval_rows, t.batch_size, mesh)) if eval_rows else None
-        start_eval = evaluate(state.params) if evaluate else None
-        step_fn = jax.jit(make_finetune_step(loss, tx, trainable, optim.schedule(config.optim, t.steps)),
-                          donate_argnums=0)
-        summary = _loop(config, run_dir, step_fn, state, train_rows, mesh, evaluate)
-        state = summary.pop("state")
-        summary.update(eval_before=start_eval, data=report.summary(), run_dir=run_dir, base_mib=base_bytes / 2**20)
-        if lo is not None:
-            lora_lib.save_adapters(os.path.join(run_dir, ADAPTER_DIR), jax.device_get(state.params["lora"]), config.lora)
-            summary["adapters"] = os.path.join(run_dir, ADAPTER_DIR)
-        if config.finetune.save_merged:
-            from jaxlm.quantize import dequantize_params
+        start_eval = evaluate(state.params) if evaluate and latest is None else None
 
-            merged = state.params if lo is None else jax.jit(lo.merge)(state.params["base"], state.params["lora"])
-            merged = dequantize_params(merged)  # QLoRA: the saved model is a plain float one
-            save_merged(config, run_dir, merged, t.steps)
-            summary["checkpoint"] = os.path.join(run_dir, "checkpoints")
+        # 6. Resume: the latest checkpoint's step, optimizer state and RNG (and adapters or params).
+        if latest is not None:
+            restored, _ = ckpt.restore(latest, checkpointed(abstract))
+            state = restored if lo is None else restored.replace(params={**state.params, "lora": restored.params["lora"]})
+            log.info("resumed from %s at step %d", ckpt.directory, latest)
+        start = int(state.step)
+
+        # 7. Compile once, then the shared training loop (logging, evals, checkpoints, preemption, watchdog).
+        if start < t.steps:
+            batches = sft.RowBatches(train_rows, t.batch_size, t.seed, start)
+            step_fn = make_finetune_step(make(dropout), tx, trainable, optim.schedule(config.optim, t.steps), accum)
+            first = global_batch(next(batches), mesh)
+            compiled = jax.jit(step_fn, donate_argnums=0).lower(state, first).compile()
+            loop = Loop(config, run_dir, ckpt, mesh, evaluate, checkpointed)
+            if start_eval:
+                loop.writer.write(0, start_eval)
+            state, summary = loop.run(compiled, state, first, batches, start)
+        else:
+            log.info("the run is already complete at step %d (train.steps=%d); writing its outputs", start, t.steps)
+            ckpt.close()
+            summary = {"run_dir": run_dir, "step": start, "checkpoints": ckpt.directory, "stopped_by": None}
+        summary.update(data=report.summary(), base_mib=base_bytes / 2**20, run_dir=run_dir)
+        evals = {k[5:]: v for k, v in summary.items() if k.startswith("eval/")}
+        if evals:
+            summary["eval"] = evals
+        if start_eval:
+            summary["eval_before"] = {k[5:]: v for k, v in start_eval.items()}
+        if summary["stopped_by"]:
+            return summary  # a checkpoint holds the position; the same command resumes
+
+        # 8. Outputs: adapters on their own, and the merged model for generate and export.
+        if lo is not None:
+            adapters = multihost_utils.process_allgather(state.params["lora"], tiled=True)  # every host takes part
+            if primary:
+                lora_lib.save_adapters(os.path.join(run_dir, ADAPTER_DIR), adapters, config.lora)
+            summary["adapters"] = os.path.join(run_dir, ADAPTER_DIR)
+            if config.finetune.save_merged:
+                from jaxlm.quantize import dequantize_params
+
+                merged = dequantize_params(jax.jit(lo.merge)(state.params["base"], state.params["lora"]))
+                save_merged(config, model_dir, merged, t.steps)  # QLoRA: the saved model is a plain float one
+                summary["checkpoint"] = model_dir
+        else:
+            summary["checkpoint"] = ckpt.directory
     return summary
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _copy_tokenizer(path: str, run_dir: str) -> None:
+    """Copies the tokenizer into the run directory (atomically), unless it is there already."""
+    import shutil
+
+    name = "tokenizer.json" if path.endswith(".json") else "tokenizer.model"
+    if path and os.path.abspath(path) != os.path.join(run_dir, name):
+        tmp = os.path.join(run_dir, f"{name}.tmp.{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(run_dir, name))
 
 
 def _reference(config: Config, state, apply_fn):
@@ -244,75 +326,20 @@ def _reference(config: Config, state, apply_fn):
     return state.params, apply_fn
 
 
-def _evaluate(eval_loss, params, rows, batch_size: int, mesh) -> dict:
+def _evaluate(eval_loss, params, rows, batch_size: int, mesh) -> dict[str, float]:
+    """{"eval/loss", and the loss's other metrics}: means over the whole batches of the held-out rows."""
     n = len(next(iter(rows.values())))
+    local = sft.process_rows(batch_size)
     values, sums = [], {}
     for i in range(0, n - batch_size + 1, batch_size):
-        value, metrics = jax.device_get(eval_loss(params, global_batch({k: v[i:i + batch_size] for k, v in rows.items()}, mesh)))
+        batch = {k: v[i:i + batch_size][local] for k, v in rows.items()}
+        value, metrics = jax.device_get(eval_loss(params, global_batch(batch, mesh)))
         values.append(float(value))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    out = {k: v / max(len(values), 1) for k, v in sums.items() if k != "tokens"}
-    out["loss"] = float(np.mean(values)) if values else float("nan")
+    out = {f"eval/{k}": v / max(len(values), 1) for k, v in sums.items() if k not in ("tokens", "weight")}
+    out["eval/loss"] = float(np.mean(values)) if values else float("nan")
     return out
-
-
-def _loop(config: Config, run_dir: str, step_fn, state, rows, mesh, evaluate) -> dict:
-    from tqdm import tqdm
-
-    t = config.train
-    writer = MetricsWriter(run_dir)
-    batches = sft.batches(rows, t.batch_size, t.seed)
-    bar = tqdm(total=t.steps, unit="step", disable=not t.progress or jax.process_index() != 0, dynamic_ncols=True)
-    pending, window, last, t0, first = None, [], {}, time.perf_counter(), None
-    try:
-        for step in range(1, t.steps + 1):
-            state, metrics = step_fn(state, global_batch(next(batches), mesh))
-            if pending is not None:  # read the previous step's metrics: this one is already queued
-                last = _read(*pending, config)
-                if last["step"] > 1:  # step 1 includes compilation; it is timed on its own
-                    window.append(last)
-            pending = (step, metrics)
-            if step == 1:
-                jax.block_until_ready(state)
-                first, t0 = time.perf_counter() - t0, time.perf_counter()
-            if step % t.log_every == 0 and window:
-                _log(writer, bar, window, step - 1, time.perf_counter() - t0)
-                window, t0 = [], time.perf_counter()
-            bar.update(1)
-        last = _read(*pending, config)
-        window += [last] if last["step"] > 1 else []
-        if window:
-            _log(writer, bar, window, t.steps, time.perf_counter() - t0)
-        summary = {"state": state, "step": t.steps, **{k: v for k, v in last.items() if k != "step"},
-                   "compile_and_first_step_s": first}
-        if evaluate:
-            summary["eval"] = evaluate(state.params)
-            writer.write(t.steps, {f"eval/{k}": v for k, v in summary["eval"].items()})
-    finally:
-        bar.close()
-        writer.close()
-    return summary
-
-
-def _read(step: int, metrics, config: Config) -> dict:
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not m["finite"]:
-        from jaxlm.train import NonFiniteError
-
-        raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={m['loss']}); the update was not "
-                             f"applied. Lower optim.lr")
-    return {"step": step, **m}
-
-
-def _log(writer, bar, window: list[dict], step: int, seconds: float) -> None:
-    """Writes the window's mean metrics and tokens/s (steps read one late, so the rate is approximate)."""
-    keys = [k for k in window[-1] if k not in ("step", "finite")]
-    mean = {k: float(np.mean([w[k] for w in window])) for k in keys}
-    tokens_per_s = sum(w["tokens"] for w in window) / max(seconds, 1e-9)
-    writer.write(step, {f"train/{k}": v for k, v in mean.items() if k != "tokens"} | {"perf/tokens_per_s": tokens_per_s})
-    extra = f" | margin {mean['margin']:.3f} | acc {mean['reward_accuracy']:.2f}" if "margin" in mean else ""
-    bar.set_postfix_str(f"loss {mean['loss']:.3f}{extra} | {tokens_per_s:,.0f} tok/s")
 
 
 def _nbytes(tree) -> int:
@@ -320,10 +347,11 @@ def _nbytes(tree) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
-def save_merged(config: Config, run_dir: str, params, step: int) -> None:
-    """The merged model as a jaxlm checkpoint at `step` (params only, no optimizer state)."""
+def save_merged(config: Config, directory: str, params, step: int) -> None:
+    """The merged model as a jaxlm checkpoint at `step` (params only, no optimizer state); kept if already there."""
     state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=optax.EmptyState(),
                        rng=jax.random.key_data(jax.random.key(config.train.seed)))
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), dataclasses.replace(config.checkpoint, async_save=False))
-    ckpt.save(step, state, None, to_dict(config), force=True)
+    ckpt = Checkpointer(directory, dataclasses.replace(config.checkpoint, async_save=False))
+    if step not in ckpt.manager.all_steps():
+        ckpt.save(step, state, None, to_dict(config), force=True)
     ckpt.close()

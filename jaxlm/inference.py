@@ -55,7 +55,8 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
         init = sharded_init.make_init_fn(model, optax.identity(), config.train.seed)
         abstract = sharded_init.abstract_state(init, mesh)
         params = ckpt.restore_params(step, abstract.params)
+        if quantize:  # codes and scales sharded like the weights they replace
+            boxed = jax.eval_shape(init).params
+            params = quantize_lib.quantize_sharded(params, quantize, block_size, boxed, mesh)
     ckpt.close()
-    if quantize:
-        params = quantize_lib.quantize_params(params, quantize, block_size)
     return LoadedRun(config, model, params, tokenizer, step, run_dir, mesh)

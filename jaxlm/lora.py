@@ -6,12 +6,14 @@ with the weight's logical axis names, so it shards with W. `Lora.apply` places A
 beside W in the model's params (`{name}_lora_a`, `{name}_lora_b`); `layers.weight` then returns a
 `LowRank` and `layers.dense` computes x @ W + (x @ A) @ B, so no gradient of the full W is ever formed.
 Scanned layers slice the adapters with the weights, and a quantized W (QLoRA: a
-`jaxlm.quantize.QuantizedArray`) is dequantized as usual. The base is frozen twice: `stop_gradient` here
-and `optim.build_optimizer`'s trainable mask (so the base holds no optimizer state).
+`jaxlm.quantize.QuantizedArray`, whose codes and scales keep W's logical axis names and so shard like W) is
+dequantized as usual. The base is frozen twice: `stop_gradient` here and `optim.build_optimizer`'s
+trainable mask (so the base holds no optimizer state).
 
 Dropout drops whole rank components (per layer, rows of A) with probability `dropout` during training and
 rescales the rest; PEFT's dropout on the adapter's input would need a mask per activation instead.
-`merge` folds the adapters into W (for saving a plain model and for export).
+`merge` folds the adapters into W (for saving a plain model and for export). `initial_adapters` reads
+adapters to continue finetuning from (`lora.init_from`): jaxlm's own (`save_adapters`) or a PEFT adapter.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.config import ConfigError, LoraConfig
+from jaxlm.config import ConfigError, LoraConfig, ModelConfig
 from jaxlm.layers import LORA_A, LORA_B
 from jaxlm.optim import path_str
 from jaxlm.quantize import is_quantized, quantize_params
@@ -173,8 +175,8 @@ class Lora:
         def params():
             base_rng, lora_rng = jax.random.split(jax.random.key(seed))
             base = self.model.init(base_rng, jnp.zeros((1, 8), jnp.int32))["params"]
-            if c.quantize != "none":  # quantized leaves carry no logical names: they are replicated
-                base = quantize_params(_strip(base), c.quantize, c.block_size)
+            if c.quantize != "none":  # boxed in, boxed out: codes and scales shard like their weights
+                base = quantize_params(base, c.quantize, c.block_size)
             return {"base": base, "lora": self.init(lora_rng)}
 
         return params
@@ -236,7 +238,8 @@ def load_adapters(directory: str, lora: Lora) -> dict:
     expected = {f"{p}/{ab}" for p in lora.targets for ab in "ab"}
     if set(arrays) != expected:
         missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-        raise ConfigError(f"adapters in {path} do not fit lora.targets: missing {missing[:4]}, unexpected {extra[:4]}")
+        raise ConfigError(f"adapters in {path} do not fit lora.targets: missing {missing[:4]}, unexpected {extra[:4]}; "
+                          f"set lora.targets (and model.scan_layers) as when they were saved")
     r = lora.config.rank
     for p, t in lora.targets.items():
         want = {"a": (*t.lead_shape, *t.in_shape, r), "b": (*t.lead_shape, r, *t.out_shape)}
@@ -245,3 +248,62 @@ def load_adapters(directory: str, lora: Lora) -> dict:
                 raise ConfigError(f"adapter {p}/{ab} in {path} has shape {arrays[f'{p}/{ab}'].shape}, "
                                   f"expected {shape} (check lora.rank and the model config)")
     return _nest({k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def initial_adapters(directory: str, lora: Lora, model_config: ModelConfig, seed: int = 0) -> dict:
+    """Unboxed adapters to start finetuning from (`lora.init_from`): host float32 arrays shaped like
+    `_strip(lora.init(rng))`, read from jaxlm adapters (`save_adapters`) or a PEFT adapter directory.
+
+    The saved rank must equal lora.rank (a ConfigError names the value to set). A different alpha is
+    allowed: B is rescaled by saved_alpha / lora.alpha, so the update (alpha / r) * A @ B is unchanged.
+    Layers a PEFT adapter leaves out (zero A and B, which never train: each one's gradient is through
+    the other) get fresh A with B still zero, as `init` would give them."""
+    from jaxlm import peft
+
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if os.path.isfile(os.path.join(directory, ADAPTER_FILE)):
+        meta = _read_meta(os.path.join(directory, ADAPTER_CONFIG))
+        _check_rank(meta["rank"], lora, os.path.join(directory, ADAPTER_CONFIG))
+        adapters, alpha = load_adapters(directory, lora), meta["alpha"]
+    elif os.path.isfile(os.path.join(directory, peft.CONFIG_FILE)):
+        saved, adapters = peft.import_adapters(directory, model_config)
+        _check_rank(saved.rank, lora, os.path.join(directory, peft.CONFIG_FILE))
+        found = {path_str(p)[:-2] for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+        if found != set(lora.targets):
+            raise ConfigError(f"the PEFT adapter {directory} adapts {sorted(found)[:4]} but lora.targets selects "
+                              f"{sorted(lora.targets)[:4]}; set lora.targets={saved.targets}")
+        adapters, alpha = _revive(adapters, _strip(lora.init(jax.random.key(seed))), lora), saved.alpha
+    else:
+        raise ConfigError(f"lora.init_from={directory} holds neither {ADAPTER_FILE} (jaxlm adapters) nor "
+                          f"{peft.CONFIG_FILE} (a PEFT adapter); point it at a directory with one of them")
+    factor = alpha / lora.config.alpha
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: np.asarray(x, np.float32) * (factor if path_str(p).endswith("/b") else 1.0), adapters)
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return {"rank": int(meta["rank"]), "alpha": float(meta["alpha"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read {path} (written with the adapters by lora.save_adapters): {e!r}") from None
+
+
+def _check_rank(rank: int, lora: Lora, path: str) -> None:
+    if rank != lora.config.rank:
+        raise ConfigError(f"{path} has LoRA rank {rank} but lora.rank={lora.config.rank}; set lora.rank={rank}")
+
+
+def _revive(adapters, fresh, lora: Lora) -> dict:
+    """Fresh A (from `fresh`) wherever a layer's A is all zero; B stays zero there, so the model is unchanged."""
+    flat = {}
+    for path, t in lora.targets.items():
+        ad = _lookup(adapters, path)
+        a = np.asarray(ad["a"], np.float32)
+        dead = ~np.any(a, axis=tuple(range(t.lead, a.ndim)))  # per layer of a scanned stack, else one flag
+        dead = dead.reshape(*dead.shape, *(1,) * (a.ndim - t.lead))
+        flat[path] = {"a": np.where(dead, np.asarray(_lookup(fresh, path)["a"]), a), "b": np.asarray(ad["b"])}
+    return _nest(flat)

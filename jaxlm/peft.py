@@ -209,5 +209,5 @@ def import_run(adapter_dir: str, base_run: str, out: str) -> str:
     hf_tokenizer.copy_files(os.path.abspath(os.path.expanduser(base_run)), out)
     write_json_atomic(os.path.join(out, "config.json"), to_dict(config))
     lora_lib.save_adapters(os.path.join(out, ADAPTER_DIR), adapters, lora_config)
-    save_merged(config, out, merged, run.step)
+    save_merged(config, os.path.join(out, "checkpoints"), merged, run.step)
     return out

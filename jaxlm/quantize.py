@@ -15,11 +15,13 @@ import dataclasses
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.sharding import tree_shardings
 
 FORMATS = ("int8", "int4", "nf4")
 
@@ -99,16 +101,39 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
 def quantize_params(params, fmt: str = "int8", block_size: int = 128, include: str = DEFAULT_INCLUDE):
-    """Quantizes the leaves whose '/'-joined path matches `include` (searched, not anchored at the start)."""
+    """Quantizes the leaves whose '/'-joined path matches `include` (searched, not anchored at the start).
+
+    A weight boxed in `nn.LogicallyPartitioned` with names (*lead, last) gives codes and scale boxed with
+    (*lead, last, None): the block axis takes the split axis's name, so the quantized weight shards like
+    the float one (`sharding._fit` drops mesh axes the block count cannot be split over) instead of being
+    replicated on every device."""
     pattern = re.compile(include)
 
     def visit(path, leaf):
-        if leaf.ndim >= 2 and pattern.search(_path_str(path)):
-            return quantize(leaf, fmt, block_size)
-        return leaf
+        value = leaf.value if _is_box(leaf) else leaf
+        if value.ndim < 2 or not pattern.search(_path_str(path)):
+            return leaf
+        q = quantize(value, fmt, block_size)
+        if not _is_box(leaf):
+            return q
+        names = (*leaf.names, None)
+        return dataclasses.replace(q, codes=leaf.replace(value=q.codes, names=names),
+                                   scale=leaf.replace(value=q.scale, names=names))
 
-    return jax.tree_util.tree_map_with_path(visit, params)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_box)
+
+
+def quantize_sharded(params, fmt: str, block_size: int, boxed_abstract, mesh, include: str = DEFAULT_INCLUDE):
+    """`quantize_params` of unboxed `params` under jit, every code and scale born on the shards the boxed
+    abstract params (`jax.eval_shape` of the model's init) give them: no device holds a whole weight."""
+    quantized = jax.eval_shape(lambda p: quantize_params(p, fmt, block_size, include), boxed_abstract)
+    shardings = tree_shardings(quantized, mesh)
+    return jax.jit(lambda p: quantize_params(p, fmt, block_size, include), out_shardings=shardings)(params)
 
 
 def is_quantized(x) -> bool:

@@ -97,24 +97,30 @@ def encode_conversation(messages: list[dict], template: chat.Template, encode: C
     return tokens, mask
 
 
-def build_examples(rows, template: chat.Template, encode: Callable, seq_len: int, report: Report):
-    """Encodes rows into (tokens, mask) examples of at most seq_len + 1 tokens, counting bad rows."""
-    examples = []
+def usable(rows, encode_row: Callable, length: Callable, seq_len: int, report: Report):
+    """(row, encode_row(row)) for each row that encodes and fits seq_len + 1 tokens; the rest are counted
+    in `report` by reason (the template fails, the row is malformed or empty, or it is too long)."""
     for where, row in rows:
         try:
-            tokens, mask = encode_conversation(to_messages(row), template, encode)
+            encoded = encode_row(row)
         except chat.TemplateError as e:
             report.reject(f"chat template cannot render ({e})", where)
             continue
         except (ValueError, TypeError, AttributeError) as e:
-            report.reject(str(e) if isinstance(e, ValueError) else "malformed messages", where)
+            report.reject(str(e) if isinstance(e, ValueError) else "malformed row", where)
             continue
-        if len(tokens) > seq_len + 1:
+        if length(encoded) > seq_len + 1:
             report.reject(f"longer than train.seq_len={seq_len}", where)
             continue
         report.used += 1
-        examples.append((np.asarray(tokens, np.int32), np.asarray(mask, np.int32)))
-    return examples
+        yield row, encoded
+
+
+def build_examples(rows, template: chat.Template, encode: Callable, seq_len: int, report: Report):
+    """Encodes rows into (tokens, mask) examples of at most seq_len + 1 tokens, counting bad rows."""
+    encode_row = lambda row: encode_conversation(to_messages(row), template, encode)
+    return [(np.asarray(tokens, np.int32), np.asarray(mask, np.int32))
+            for _, (tokens, mask) in usable(rows, encode_row, lambda e: len(e[0]), seq_len, report)]
 
 
 def pack(examples, seq_len: int, pack_rows: bool = True) -> dict[str, np.ndarray]:
@@ -151,29 +157,50 @@ def pack(examples, seq_len: int, pack_rows: bool = True) -> dict[str, np.ndarray
     return out
 
 
-def batches(rows: dict[str, np.ndarray], batch_size: int, seed: int, start: int = 0):
-    """Endless batches; epoch e visits the rows in a permutation fixed by (seed, e), so step s is reproducible."""
-    n = len(next(iter(rows.values())))
-    if n < batch_size:
-        raise ConfigError(f"the data packs into {n} rows, fewer than train.batch_size={batch_size}; lower the batch size")
-    per_epoch = n // batch_size
-    step = start
-    while True:
-        epoch, k = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n)[k * batch_size:(k + 1) * batch_size]
-        yield {key: v[order] for key, v in rows.items()}
-        step += 1
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch: `sharding.global_batch` concatenates them in process order."""
+    n = batch_size // jax.process_count()
+    return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+
+
+class RowBatches:
+    """Endless batches of in-memory rows. Epoch e visits the rows in a permutation fixed by (seed, e), so the
+    batch of any step can be recomputed: the step is the whole data position, and a resumed run reads
+    exactly the batches an uninterrupted one would. Each process yields only its own rows."""
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, start: int = 0):
+        self.rows, self.batch_size, self.seed, self.step = rows, batch_size, seed, start
+        self.n = len(next(iter(rows.values())))
+        if self.n < batch_size:
+            raise ConfigError(f"the data packs into {self.n} rows, fewer than train.batch_size={batch_size}; "
+                              f"lower the batch size")
+        self.local = process_rows(batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        epoch, k = divmod(self.step, self.n // self.batch_size)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)[k * self.batch_size:(k + 1) * self.batch_size]
+        self.step += 1
+        return {key: v[order[self.local]] for key, v in self.rows.items()}
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
 
 
 def make_loss(apply_fn: Callable, dropout: bool = False):
-    """loss(params, batch, rng) -> (mean loss over assistant tokens, {"tokens"}), for make_finetune_step."""
+    """loss(params, batch, rng) -> (mean loss over assistant tokens, metrics), for make_finetune_step.
+
+    "weight" is the assistant-token count the mean is over; "tokens" counts every non-padding token read."""
 
     def loss(params, batch, rng):
         rngs = {"dropout": rng} if dropout else None
         kwargs = {"rngs": rngs} if rngs else {}
         logits = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
         nll, _, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        return nll / jnp.maximum(count, 1.0), {"tokens": count}
+        tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+        return nll / jnp.maximum(count, 1.0), {"tokens": tokens, "weight": count}
 
     return loss
 

@@ -125,18 +125,40 @@ def train(config: Config) -> dict:
         first = global_batch(next(batches), mesh)
         compiled = jax.jit(step_fn, donate_argnums=0).lower(state, first).compile()
         _log_memory(compiled)
-        eval_fn = jax.jit(make_eval_step(model.apply))
         eval_set = (
             [global_batch(b, mesh) for b in pipeline.eval_batches(data.eval, t.batch_size, t.eval_batches)]
             if data.eval is not None and t.eval_batches else []
         )
-
         task_eval = _task_evaluator(config, model, data.tokenizer_path) if t.eval_tasks else None
+        evaluate = _evaluator(jax.jit(make_eval_step(model.apply)), eval_set, task_eval)
 
         # 8. The loop. Metrics are fetched one step late, so the host never waits on the device.
-        loop = Loop(config, run_dir, ckpt, eval_fn, eval_set, mesh, task_eval)
-        summary = loop.run(compiled, state, first, batches, start)
+        loop = Loop(config, run_dir, ckpt, mesh, evaluate)
+        _, summary = loop.run(compiled, state, first, batches, start)
     return summary
+
+
+def _evaluator(eval_fn: Callable, eval_set: list, task_eval: Callable | None) -> Callable | None:
+    """params -> {"eval/...": value}: held-out loss over `eval_set`, then `train.eval_tasks`."""
+    if not eval_set and task_eval is None:
+        return None
+
+    def evaluate(params) -> dict[str, float]:
+        out = {}
+        if eval_set:
+            nll, tokens = 0.0, 0.0
+            for batch in eval_set:
+                m = jax.device_get(eval_fn(params, batch))
+                nll += float(m["nll"])
+                tokens += float(m["tokens"])
+            loss = nll / max(tokens, 1.0)
+            out.update({"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))})
+        if task_eval:
+            out.update({f"eval/{task}/{key}": float(value) for task, result in task_eval(params).items()
+                        for key, value in result.items() if isinstance(value, (int, float)) and key != "seconds"})
+        return out
+
+    return evaluate
 
 
 def _task_evaluator(config: Config, model, tokenizer_path: str) -> Callable[[dict], dict[str, dict]]:
@@ -165,12 +187,18 @@ def _log_memory(compiled) -> None:
 
 
 class Loop:
-    """Runs the steps and fires the hooks; holds the only mutable bookkeeping of a run."""
+    """Runs the steps and fires the hooks; holds the only mutable bookkeeping of a run.
 
-    def __init__(self, config: Config, run_dir: str, ckpt: Checkpointer, eval_fn: Callable, eval_set: list, mesh,
-                 task_eval: Callable | None = None):
-        self.config, self.run_dir, self.ckpt = config, run_dir, ckpt
-        self.eval_fn, self.eval_set, self.mesh, self.task_eval = eval_fn, eval_set, mesh, task_eval
+    Shared by pretraining and finetuning. A step returns metrics with at least "loss", "grad_norm", "tokens"
+    and "finite" (others, such as DPO's "margin", are averaged and logged too). `evaluate(params)` returns
+    {"eval/...": value}; `checkpointed(state)` is the part of the state a checkpoint holds (LoRA leaves out
+    the frozen base, which the run rebuilds from its source).
+    """
+
+    def __init__(self, config: Config, run_dir: str, ckpt: Checkpointer, mesh, evaluate: Callable | None = None,
+                 checkpointed: Callable = lambda state: state):
+        self.config, self.run_dir, self.ckpt, self.mesh = config, run_dir, ckpt, mesh
+        self.evaluate, self.checkpointed = evaluate, checkpointed
         self.writer = MetricsWriter(run_dir)
         self.stop = StopRequest()
         d = config.distributed
@@ -183,12 +211,13 @@ class Loop:
         self.peak_total = peak * jax.device_count()
         self.flops_per_token = flops.flops_per_token(config.model, t.seq_len)
         self.pending = None  # (step, device metrics) not yet read
-        self.window = {"tokens": 0.0, "loss": 0.0, "n": 0, "t0": time.perf_counter()}
+        self.window = Window()
         self.last = {}
         self.skipped = 0
         self.read_step = 0
 
-    def run(self, step_fn, state, first_batch, batches, start: int) -> dict:
+    def run(self, step_fn, state, first_batch, batches, start: int) -> tuple[object, dict]:
+        """Steps from `start` to train.steps (or a stop); returns (final state, summary)."""
         t = self.config.train
         total = t.steps
         bar = _progress(start, total, enabled=t.progress and jax.process_index() == 0)
@@ -212,7 +241,7 @@ class Loop:
                     profiling = False
                 if step % t.log_every == 0:
                     self._log(bar, step)
-                if (self.eval_set or self.task_eval) and (step % t.eval_every == 0 or step == total):
+                if self.evaluate and (step % t.eval_every == 0 or step == total):
                     self._evaluate(state, step)
                 self.watchdog.beat(step, "cross-host agreement after step")
                 decision = self.boundary.check(step)  # the same answer on every host
@@ -224,8 +253,8 @@ class Loop:
                 if permanent or decision.temporary_checkpoint:
                     self._read_pending()  # never checkpoint past a step we have not checked
                     self.watchdog.beat(step, "checkpoint save")
-                    self.ckpt.save(step, state, batches.get_state(), to_dict(self.config), force=True,
-                                   temporary=not permanent)
+                    self.ckpt.save(step, self.checkpointed(state), batches.get_state(), to_dict(self.config),
+                                   force=True, temporary=not permanent)
                     self.boundary.saved()
                     self.watchdog.beat(step + 1)
                     if not permanent:
@@ -245,8 +274,8 @@ class Loop:
             bar.close()
             self.ckpt.close()
             self.writer.close()
-        return {"run_dir": self.run_dir, "step": step, "skipped": self.skipped, **self.last,
-                "checkpoints": self.ckpt.directory, "stopped_by": self.stop.signal}
+        return state, {"run_dir": self.run_dir, "step": step, "skipped": self.skipped, **self.last,
+                       "checkpoints": self.ckpt.directory, "stopped_by": self.stop.signal}
 
     def _read_pending(self) -> None:
         if self.pending is None:
@@ -266,55 +295,60 @@ class Loop:
             self.skipped += 1
             log.warning("step %d: non-finite loss or gradient, update skipped", step)
             return
-        w = self.window
-        w["tokens"] += float(m["tokens"])
-        w["loss"] += float(m["loss"])
-        w["n"] += 1
-        self.last.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m.get("lr", 0.0)))
+        self.window.add(m)
+        self.last.update({k: float(v) for k, v in m.items() if k not in ("finite", "tokens")})
 
     def _log(self, bar, dispatched: int) -> None:
         """Logs the steps read so far (up to one behind `dispatched`, so that logging never waits)."""
         w, step = self.window, self.read_step
         bar.update(dispatched - bar.n)
-        if not w["n"]:
+        if not w.n:
             return
-        elapsed = time.perf_counter() - w["t0"]
-        tokens_per_s = w["tokens"] / elapsed
+        elapsed = time.perf_counter() - w.t0
+        tokens_per_s = w.tokens / elapsed
         mfu = tokens_per_s * self.flops_per_token / self.peak_total
-        loss = w["loss"] / w["n"]
-        self.writer.write(step, {
-            "train/loss": loss, "train/grad_norm": self.last["grad_norm"], "train/lr": self.last["lr"],
-            "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu, "train/skipped_steps": self.skipped,
-        })
-        bar.set_postfix_str(f"loss {loss:.3f} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
-        self.window = {"tokens": 0.0, "loss": 0.0, "n": 0, "t0": time.perf_counter()}
+        means = w.means()
+        # grad_norm and lr as at the last step read; everything else averaged over the window.
+        scalars = {f"train/{k}": v for k, v in means.items()} | {
+            "train/grad_norm": self.last["grad_norm"], "train/lr": self.last.get("lr", 0.0),
+            "perf/tokens_per_s": tokens_per_s, "perf/mfu": mfu, "train/skipped_steps": self.skipped}
+        self.writer.write(step, scalars)
+        extra = f" | margin {means['margin']:.3f} | acc {means['reward_accuracy']:.2f}" if "margin" in means else ""
+        bar.set_postfix_str(f"loss {means['loss']:.3f}{extra} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%}")
+        self.window = Window()
 
     def _evaluate(self, state, step: int) -> None:
         self._read_pending()  # finish the training step first, so its time counts as training
         self.watchdog.beat(step, "eval after step")
         began = time.perf_counter()
-        if self.eval_set:
-            nll, tokens = 0.0, 0.0
-            for batch in self.eval_set:
-                m = jax.device_get(self.eval_fn(state.params, batch))
-                nll += float(m["nll"])
-                tokens += float(m["tokens"])
-            loss = nll / max(tokens, 1.0)
-            self.last["eval_loss"] = loss
-            self.writer.write(step, {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0)))})
-            log.info("step %d: eval loss %.4f", step, loss)
-        if self.task_eval:
-            scalars = {f"eval/{task}/{key}": float(value)
-                       for task, result in self.task_eval(state.params).items()
-                       for key, value in result.items() if isinstance(value, (int, float)) and key != "seconds"}
-            self.writer.write(step, scalars)
-            self.last.update(scalars)
-            log.info("step %d: %s", step, ", ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items()))
+        scalars = self.evaluate(state.params)
+        self.writer.write(step, scalars)
+        self.last.update(scalars)
+        if "eval/loss" in scalars:
+            self.last["eval_loss"] = scalars["eval/loss"]
+        log.info("step %d: %s", step, ", ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items()))
         # Evaluation time is not training time: move the throughput window's start past it.
-        self.window["t0"] += time.perf_counter() - began
+        self.window.t0 += time.perf_counter() - began
 
 
 def _progress(start: int, total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, smoothing=0)
+
+
+class Window:
+    """Sums of the step metrics read since the last log line."""
+
+    def __init__(self):
+        self.n, self.tokens, self.sums, self.t0 = 0, 0.0, {}, time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        self.n += 1
+        self.tokens += float(metrics["tokens"])
+        for k, v in metrics.items():
+            if k not in ("finite", "tokens", "grad_norm", "lr"):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.n for k, v in self.sums.items()}

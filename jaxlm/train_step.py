@@ -128,22 +128,47 @@ def make_eval_step(apply_fn: Callable):
 
 
 def make_finetune_step(loss_fn: Callable, tx: optax.GradientTransformation, trainable: str | None = None,
-                       lr_schedule: Callable | None = None):
+                       lr_schedule: Callable | None = None, grad_accum: int = 1):
     """A step for `loss_fn(params, batch, rng) -> (loss, metrics)` (SFT and DPO in `jaxlm.finetune`).
 
-    With `trainable="lora"` only `params["lora"]` is differentiated and updated; the rest of the params is
-    frozen, may be quantized, and holds no optimizer state (the optimizer's trainable mask, `jaxlm.optim`).
+    `metrics["weight"]` is how many units the loss averages over (SFT: loss tokens, DPO: pairs); with
+    `grad_accum` > 1 the batch is split into that many micro-batches, scanned, and their losses, gradients
+    and metrics are combined with those weights, so the step equals one over the whole batch
+    ("tokens" is summed). With `trainable="lora"` only `params["lora"]` is differentiated and updated;
+    the rest of the params is frozen, may be quantized, and holds no optimizer state (`jaxlm.optim`).
     """
+
+    def value_and_grads(params, batch, rng):
+        if trainable is None:
+            return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+        part = lambda p: loss_fn({**params, trainable: p}, batch, rng)
+        return jax.value_and_grad(part, has_aux=True)(params[trainable])
+
+    def accumulated(params, batch, rng):
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        shapes = jax.eval_shape(value_and_grads, params, jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        def body(carry, xs):
+            i, b = xs
+            (loss, metrics), grads = value_and_grads(params, b, jax.random.fold_in(rng, i))
+            w = metrics["weight"]
+            (sum_loss, sum_metrics), sum_grads = carry
+            sum_metrics = {k: v + (metrics[k] if k in _SUMMED else metrics[k] * w) for k, v in sum_metrics.items()}
+            return ((sum_loss + loss * w, sum_metrics), jax.tree.map(lambda s, g: s + g * w, sum_grads, grads)), None
+
+        ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+        total = jnp.maximum(metrics["weight"], 1e-9)
+        metrics = {k: v if k in _SUMMED else v / total for k, v in metrics.items()}
+        return (loss / total, metrics), jax.tree.map(lambda g: g / total, grads)
 
     def finetune_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, next_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        compute = value_and_grads if grad_accum == 1 else accumulated
+        (loss, metrics), grads = compute(state.params, batch, rng)
         if trainable is None:
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
             all_grads = grads
-        else:
-            part = lambda p: loss_fn({**state.params, trainable: p}, batch, rng)
-            (loss, metrics), grads = jax.value_and_grad(part, has_aux=True)(state.params[trainable])
-            # The frozen branch of the optimizer ignores these zeros; nothing reads its updates, so XLA drops them.
+        else:  # the frozen branch of the optimizer ignores these zeros; nothing reads its updates, so XLA drops them
             all_grads = {k: (grads if k == trainable else jax.tree.map(jnp.zeros_like, v))
                          for k, v in state.params.items()}
         grad_norm = optax.global_norm(grads)
@@ -158,9 +183,13 @@ def make_finetune_step(loss_fn: Callable, tx: optax.GradientTransformation, trai
         params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=jax.random.key_data(next_rng))
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+        metrics = {k: v for k, v in metrics.items() if k != "weight"}
+        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
         return new_state, metrics
 
     return finetune_step
+
+
+_SUMMED = ("tokens", "weight")  # metrics that add up over micro-batches; the rest are weighted means

@@ -98,8 +98,8 @@ def test_a_lora_step_changes_only_adapters_and_the_base_holds_no_optimizer_state
     assert bool(metrics["finite"])
 
 
-def _lora_step(config, mesh_config, n, batch_np):
-    model, lo, tx = _setup(config)
+def _lora_step(config, mesh_config, n, batch_np, lora_config=LoraConfig(targets=TARGETS, rank=4)):
+    model, lo, tx = _setup(config, lora_config)
     mesh = make_mesh(mesh_config, jax.devices()[:n])
     with jax.set_mesh(mesh):
         init = lo.make_init_fn(tx, seed=0)
@@ -111,7 +111,7 @@ def _lora_step(config, mesh_config, n, batch_np):
             jax.tree.map(lambda a: a.sharding, abstract.params["lora"]))})
         step = jax.jit(make_finetune_step(sft.make_loss(lo.apply), tx, trainable="lora"), donate_argnums=0)
         state, metrics = step(state, global_batch(batch_np, mesh))
-        return abstract, jax.device_get((metrics["loss"], metrics["grad_norm"], state.params["lora"]))
+        return abstract, jax.device_get((metrics["loss"], metrics["grad_norm"], state.params["lora"], state.params["base"]))
 
 
 @pytest.mark.slow  # two compilations of the step, single device and 2x4
@@ -130,6 +130,46 @@ def test_sharded_2x4_lora_step_equals_single_device():
     assert q["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
 
 
+# Blocks of 16 split mlp=64 into 4 blocks, which tensor=4 can shard.
+QLORA = {fmt: LoraConfig(targets=TARGETS, rank=4, quantize=fmt, block_size=16) for fmt in ("int8", "nf4")}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_qlora_base_codes_and_scales_shard_like_their_weights(fmt):
+    from jaxlm.quantize import QuantizedArray
+
+    config = small_config()
+    _, lo, tx = _setup(config, QLORA[fmt])
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4), jax.devices())
+    with jax.set_mesh(mesh):
+        init = lo.make_init_fn(tx, seed=0)
+        abstract = sharded_init.abstract_state(init, mesh)
+        base = sharded_init.materialize(init, abstract).params["base"]
+    P = jax.sharding.PartitionSpec
+    # up (layers, embed, mlp): codes (layers, embed, mlp blocks, block) with the block count split like mlp.
+    for leaf in (base["layers"]["mlp"]["up"].codes, base["layers"]["mlp"]["up"].scale):
+        assert leaf.sharding.spec == P(None, "fsdp", "tensor", None)
+        assert leaf.addressable_shards[0].data.shape[1:3] == (config.model.d_model // 2, 1)
+    assert base["layers"]["mlp"]["down"].codes.sharding.spec == P(None, "tensor", "fsdp", None)
+    quantized = [x for x in jax.tree.leaves(base, is_leaf=lambda x: isinstance(x, QuantizedArray))
+                 if isinstance(x, QuantizedArray)]
+    assert len(quantized) == 8  # q k v o gate up down and the output head
+    assert all(not x.codes.sharding.is_fully_replicated for x in quantized)
+
+
+@pytest.mark.slow  # two compilations of the step per format, single device and 2x4
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_sharded_2x4_qlora_step_equals_single_device(fmt):
+    config = small_config()
+    batch = _batch(config)
+    _, ref = _lora_step(config, MeshConfig(fsdp=1), 1, batch, QLORA[fmt])
+    _, got = _lora_step(config, MeshConfig(fsdp=2, tensor=4), 8, batch, QLORA[fmt])
+    jax.tree.map(np.testing.assert_array_equal, got[3], ref[3])  # the same codes and scales, sharded or not
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-5), got[2], ref[2])
+
+
 def test_adapters_save_and_load(tmp_path):
     config = small_config()
     _, lo, _ = _setup(config)
@@ -140,6 +180,49 @@ def test_adapters_save_and_load(tmp_path):
     _, other, _ = _setup(config, LoraConfig(targets=TARGETS, rank=2))
     with pytest.raises(ConfigError, match="expected"):
         lora_lib.load_adapters(str(tmp_path), other)
+
+
+def _lora_logits(lo, base, adapters, config):
+    batch = _batch(config)
+    return np.asarray(jax.jit(lo.apply)({"params": {"base": base, "lora": adapters}}, batch["inputs"]))
+
+
+@pytest.mark.parametrize("fmt", ["jaxlm", "peft"])
+def test_initial_adapters_continue_from_saved_or_peft_adapters(fmt, tmp_path):
+    from jaxlm import peft as peft_lib
+
+    config = small_config()
+    # Saved with alpha 8, continued with alpha 16: B is halved, so the model is the same.
+    saved_lo = _setup(config, LoraConfig(targets=TARGETS, rank=4, alpha=8.0))[1]
+    _, lo, _ = _setup(config, LoraConfig(targets=TARGETS, rank=4, alpha=16.0, init_from=str(tmp_path / "ad")))
+    params = sharded_init.strip_boxes(jax.jit(saved_lo.make_params_fn(0))())
+    adapters = jax.device_get(_random_b(params["lora"]))
+    if fmt == "jaxlm":
+        lora_lib.save_adapters(str(tmp_path / "ad"), adapters, saved_lo.config)
+    else:
+        peft_lib.export(adapters, saved_lo.config, config.model, str(tmp_path / "ad"))
+    loaded = lora_lib.initial_adapters(lo.config.init_from, lo, config.model)
+    assert jax.tree.structure(loaded) == jax.tree.structure(sharded_init.strip_boxes(lo.init(jax.random.key(0))))
+    np.testing.assert_allclose(loaded["layers"]["attn"]["q"]["b"], adapters["layers"]["attn"]["q"]["b"] / 2, rtol=1e-6)
+    want = _lora_logits(saved_lo, params["base"], adapters, config)
+    assert not np.allclose(want, _lora_logits(lo, params["base"], params["lora"], config), atol=1e-3)  # B matters
+    np.testing.assert_allclose(_lora_logits(lo, params["base"], loaded, config), want, rtol=1e-5, atol=1e-5)
+
+    _, other_rank, _ = _setup(config, LoraConfig(targets=TARGETS, rank=2))
+    with pytest.raises(ConfigError, match="set lora.rank=4"):
+        lora_lib.initial_adapters(str(tmp_path / "ad"), other_rank, config.model)
+    _, fewer, _ = _setup(config, LoraConfig(targets=("attn/q$",), rank=4))
+    with pytest.raises(ConfigError, match="set lora.targets"):
+        lora_lib.initial_adapters(str(tmp_path / "ad"), fewer, config.model)
+
+
+def test_initial_adapters_from_a_directory_without_adapters_is_a_config_error(tmp_path):
+    _, lo, _ = _setup(small_config())
+    with pytest.raises(ConfigError, match="holds neither adapters.safetensors"):
+        lora_lib.initial_adapters(str(tmp_path), lo, small_config().model)
+    (tmp_path / "adapters.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="cannot read .*adapters.json"):
+        lora_lib.initial_adapters(str(tmp_path), lo, small_config().model)
 
 
 def test_bad_targets_are_config_errors():

@@ -91,6 +91,14 @@ def test_adapter_made_by_peft_imports_with_the_same_logits(tmp_path):
     assert np.max(np.abs(got - want)) <= 1e-4
     np.testing.assert_array_equal(adapters["layers"]["attn"]["q"]["b"][0], 0)  # layer 0 untouched
 
+    # Continuing from it (lora.init_from): the same model, and layer 0's adapters can train (A is not zero).
+    start = lora_lib.initial_adapters(str(tmp_path / "adapter"), lo, config)
+    got = np.asarray(jax.jit(lo.apply)({"params": {"base": params, "lora": start}}, jnp.asarray(TOKENS)))
+    assert np.max(np.abs(got - want)) <= 1e-4
+    q = start["layers"]["attn"]["q"]
+    assert np.all(np.abs(q["a"][0]).max(axis=0) > 0) and not np.any(q["b"][0])  # every rank component
+    np.testing.assert_array_equal(q["a"][1], adapters["layers"]["attn"]["q"]["a"][1])
+
 
 @pytest.mark.slow  # the whole chain through the CLI: about a minute on 2 cores
 def test_finetune_from_hf_then_peft_export_and_merged_export_match(tmp_path, capsys):

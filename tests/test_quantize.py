@@ -80,3 +80,24 @@ def test_bad_formats_are_clear_errors():
         Q.quantize(X, "int3")
     with pytest.raises(ConfigError, match="must be even"):
         Q.quantize(jnp.ones((4, 5)), "int4", 5)
+
+
+def test_boxed_weights_quantize_to_boxed_codes_and_sharded_quantization_matches():
+    """Codes and scales keep the weight's logical names (the block axis takes the last axis's), so they
+    shard like the weight; `quantize_sharded` gives the same values as plain `quantize_params`."""
+    from jaxlm.config import MeshConfig
+    from jaxlm.mesh import make_mesh
+
+    model = Transformer(small_config().model)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    up = jax.eval_shape(lambda p: Q.quantize_params(p, "nf4", 16), boxed)["layers"]["mlp"]["up"]
+    assert up.codes.names == up.scale.names == ("layers", "embed", "mlp", None)
+    assert (up.codes.value.shape, up.scale.value.shape) == ((2, 32, 4, 8), (2, 32, 4, 1))
+
+    params = init(model)
+    mesh = make_mesh(MeshConfig(fsdp=2, tensor=4), jax.devices())
+    with jax.set_mesh(mesh):
+        sharded = Q.quantize_sharded(params, "nf4", 16, boxed, mesh)
+    assert sharded["layers"]["mlp"]["up"].codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    want = jax.jit(lambda p: Q.quantize_params(p, "nf4", 16))(params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), jax.device_get(want))
