@@ -162,15 +162,17 @@ def build_state(config: Config, model: Transformer, base_params, mesh):
         init = lo.make_init_fn(tx, seed)
         apply_fn, trainable = lo.apply, "lora"
     abstract = sharded_init.abstract_state(init, mesh)
-    state = sharded_init.materialize(init, abstract)
-    if base_params is not None:
+    if base_params is None:
+        state = sharded_init.materialize(init, abstract)
+    else:  # the loaded base replaces the random one, which is therefore never computed
+        state = sharded_init.materialize(init, abstract, keep=lambda s: without_base(s, lo))
         if c.quantize != "none":  # under jit: each code and scale is made on its own shards
             from jaxlm.quantize import quantize_sharded
 
             base_params = quantize_sharded(base_params, c.quantize, c.block_size, boxed, mesh)
         target = abstract.params if lo is None else abstract.params["base"]
         base_params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), base_params, target)
-        state = state.replace(params=base_params if lo is None else {**state.params, "base": base_params})
+        state = state.replace(params=base_params if lo is None else {"base": base_params, **state.params})
     if c.init_from:  # continue from saved or PEFT adapters instead of fresh ones
         directory = os.path.expanduser(c.init_from)
         if os.path.isfile(os.path.join(directory, ADAPTER_DIR, lora_lib.ADAPTER_FILE)):
@@ -179,6 +181,12 @@ def build_state(config: Config, model: Transformer, base_params, mesh):
         adapters = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), adapters, abstract.params["lora"])
         state = state.replace(params={**state.params, "lora": adapters})
     return state, abstract, apply_fn, trainable, tx, lo
+
+
+def without_base(state: TrainState, lo) -> TrainState:
+    """The state less its frozen base (which comes from `finetune.base`): for LoRA the adapters, for a full
+    finetune no params at all."""
+    return state.replace(params=None if lo is None else {"lora": state.params["lora"]})
 
 
 def finetune(config: Config) -> dict:
@@ -230,7 +238,7 @@ def finetune(config: Config) -> dict:
         base_bytes = _nbytes(state.params if lo is None else state.params["base"])
         log.info("base params %.1f MiB%s", base_bytes / 2**20,
                  f" ({config.lora.quantize})" if config.lora.quantize != "none" else "")
-        checkpointed = (lambda s: s) if lo is None else (lambda s: s.replace(params={"lora": s.params["lora"]}))
+        checkpointed = (lambda s: s) if lo is None else (lambda s: without_base(s, lo))
         model_dir = config.checkpoint.dir or os.path.join(run_dir, "checkpoints")  # what generate and export read
         ckpt_dir = model_dir if lo is None else os.path.join(run_dir, TRAIN_STATE_DIR)
         ckpt = Checkpointer(ckpt_dir, config.checkpoint)

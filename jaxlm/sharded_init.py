@@ -51,10 +51,13 @@ def abstract_state(init: Callable[[], TrainState], mesh: Mesh) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), strip_boxes(boxed), shardings)
 
 
-def materialize(init: Callable[[], TrainState], abstract: TrainState) -> TrainState:
-    """Runs `init` with every array of the state born on its own shards, as `abstract` lays them out."""
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(lambda: strip_boxes(init()), out_shardings=shardings)()
+def materialize(init: Callable[[], TrainState], abstract: TrainState, keep: Callable = lambda s: s):
+    """Runs `init` with every array of the state born on its own shards, as `abstract` lays them out.
+
+    `keep(state)` selects the part to build (e.g. all but params that are loaded instead); XLA never
+    computes the rest, so loaded weights do not first exist as random ones."""
+    shardings = jax.tree.map(lambda a: a.sharding, keep(abstract))
+    return jax.jit(lambda: keep(strip_boxes(init())), out_shardings=shardings)()
 
 
 def create(init: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, TrainState]:

@@ -173,9 +173,7 @@ def state_from_hf(init, abstract: TrainState, hf_dir: str, c: ModelConfig, mesh:
     """A fresh train state whose params come from `hf_dir`. The optimizer state, step and RNG are what `init`
     makes (they do not depend on the params' values, so XLA never computes the random params)."""
     params = load_params(hf_dir, c, mesh)
-    rest_shardings = jax.tree.map(lambda a: a.sharding, abstract.replace(params=None))
-    rest = jax.jit(lambda: sharded_init.strip_boxes(init()).replace(params=None), out_shardings=rest_shardings)()
-    return rest.replace(params=params)
+    return sharded_init.materialize(init, abstract, keep=lambda s: s.replace(params=None)).replace(params=params)
 
 
 def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
