@@ -39,32 +39,30 @@ def run_one(words: list[str], mode: str, steps: int, batch: int, seq: int, rank:
     import jax
     import numpy as np
 
-    from jaxlm import attention, finetune, mesh as mesh_lib, overrides, sft
+    from jaxlm import mesh as mesh_lib, overrides
     from jaxlm.config import MeshConfig
-    from jaxlm.model import Transformer
     from jaxlm.sharding import global_batch
-    from jaxlm.train_step import make_finetune_step
+    from jaxlm.training import assembly
 
     targets, quant = MODES[mode]
     config = overrides.load(words + [f"train.batch_size={batch}", f"train.seq_len={seq}", f"train.steps={steps + 2}"])
     lora = dataclasses.replace(config.lora, targets=TARGETS if targets is None else (), rank=rank, quantize=quant,
                                block_size=64)
-    config = dataclasses.replace(config, lora=lora, mesh=MeshConfig(fsdp=1))
+    config = dataclasses.replace(config, lora=lora, mesh=MeshConfig(fsdp=1), task="sft")
     mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
-    model = Transformer(config.model, attention.resolve(config.model.attention))
+    spec = assembly.build(config)  # what `jaxlm finetune` builds
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.model.vocab_size, size=(batch, seq + 1)).astype(np.int32)
     batch_np = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
                 "segment_ids": np.ones((batch, seq), np.int32), "loss_mask": np.ones((batch, seq), np.int32)}
     with jax.set_mesh(mesh):
-        state, _, apply_fn, trainable, tx, lo = finetune.build_state(config, model, None, mesh)
-        params = state.params
+        state = assembly.initial_state(spec, assembly.abstract_state(spec, mesh), mesh)
+        lo, params = spec.lora, state.params
         frozen = params["base"] if lo else {}
         trained = params["lora"] if lo else params
-        step = jax.jit(make_finetune_step(sft.make_loss(apply_fn), tx, trainable), donate_argnums=0)
         b = global_batch(batch_np, mesh)
         t0 = time.perf_counter()
-        compiled = step.lower(state, b).compile()
+        compiled = assembly.compile_step(spec, assembly.objective(config, spec), state, b)
         compile_s = time.perf_counter() - t0
         memory = compiled.memory_analysis()
         out = {"mode": mode, "trainable_params": sum(int(x.size) for x in jax.tree.leaves(trained)),

@@ -4,7 +4,7 @@
     python bench/train_throughput.py bench_18m model.remat=full --steps 30
 
 Each configuration runs in its own process, so that its peak host memory is its own. The step is the one
-`jaxlm train` compiles (same state, optimizer, donation and sharding), fed synthetic tokens so that only
+`jaxlm train` compiles (the same assembly: state, objective, optimizer, donation and sharding), fed synthetic tokens so that only
 the trainer is measured. MFU is given against both the nominal CPU peak (185 GFLOP/s, shared/PLATFORM.md)
 and a matmul peak measured in the same run.
 """
@@ -40,16 +40,14 @@ def run_one(words: list[str], steps: int, windows: int) -> dict:
     import jax
     import numpy as np
 
-    from jaxlm import flops, mesh as mesh_lib, optim, overrides, sharded_init
-    from jaxlm.model import Transformer
+    from jaxlm import flops, mesh as mesh_lib, overrides
     from jaxlm.sharding import global_batch
-    from jaxlm.train_step import make_train_step
+    from jaxlm.training import assembly
 
     config = overrides.load(words)
     t, m = config.train, config.model
     mesh = mesh_lib.make_mesh(config.mesh)
-    model = Transformer(m, "xla" if jax.default_backend() == "cpu" else "auto")
-    tx = optim.build_optimizer(config.optim, t.steps, sharded_init.abstract_params(model))
+    spec = assembly.build(config)  # what `jaxlm train` builds
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, m.vocab_size, size=(t.batch_size, t.seq_len + 1)).astype(np.int32)
     batch_np = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -57,11 +55,10 @@ def run_one(words: list[str], steps: int, windows: int) -> dict:
                 "segment_ids": np.ones((t.batch_size, t.seq_len), np.int32),
                 "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)}
     with jax.set_mesh(mesh):
-        state, _ = sharded_init.create(sharded_init.make_init_fn(model, tx, 0), mesh)
+        state = assembly.initial_state(spec, assembly.abstract_state(spec, mesh), mesh)
         batch = global_batch(batch_np, mesh)
         t0 = time.perf_counter()
-        step = jax.jit(make_train_step(model.apply, tx, config.optim.z_loss, config.optim.grad_accum),
-                       donate_argnums=0).lower(state, batch).compile()
+        step = assembly.compile_step(spec, assembly.objective(config, spec), state, batch)
         compile_s = time.perf_counter() - t0
         for _ in range(3):  # warm up
             state, metrics = step(state, batch)

@@ -1,4 +1,4 @@
-"""DPO with LoRA on preference pairs (JSONL: prompt, chosen, rejected); set finetune.data and finetune.base."""
+"""DPO with LoRA on preference pairs (JSONL: prompt, chosen, rejected); set finetune.data and model.init_from."""
 
 import dataclasses
 

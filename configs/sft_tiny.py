@@ -1,5 +1,5 @@
 """LoRA SFT on the English chatterbot-corpus chats. On its own it starts from random weights (a smoke run of
-seconds); with finetune.base=runs/tiny it finetunes the pretrained `tiny` model."""
+seconds); with model.init_from=runs/tiny it finetunes the pretrained `tiny` model."""
 
 import dataclasses
 

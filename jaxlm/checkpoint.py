@@ -8,6 +8,7 @@ leaves nothing that `latest_step` will pick up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,38 @@ class IteratorSnapshot:
 
     def start_prefetch(self) -> None:  # called by grain's handler after restoring
         pass
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest finalised checkpoint step in `directory`, or None; looks without creating anything
+    (Orbax renames a step's temporary directory to its plain number only when the save is complete)."""
+    from etils import epath
+
+    path = epath.Path(directory if "://" in directory else os.path.abspath(os.path.expanduser(directory)))
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit()] if path.is_dir() else []
+    return max(steps, default=None)
+
+
+def has_checkpoint(directory: str) -> bool:
+    return latest_step(directory) is not None
+
+
+def save_params(directory: str, params, step: int, config: dict, options: CheckpointConfig, seed: int = 0) -> None:
+    """A model-only checkpoint at `step` (no optimizer state), as generate, eval and export read it; kept if
+    that step is already there."""
+    import jax.numpy as jnp
+    import optax
+
+    from jaxlm.core.train_state import TrainState
+
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=optax.EmptyState(),
+                       rng=jax.random.key_data(jax.random.key(seed)))
+    ckpt = Checkpointer(directory, dataclasses.replace(options, async_save=False))
+    try:
+        if step not in ckpt.manager.all_steps():
+            ckpt.save(step, state, None, config, force=True)
+    finally:
+        ckpt.close()
 
 
 class Checkpointer:

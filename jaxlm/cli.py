@@ -19,12 +19,9 @@ CONFIG words, in order:
 
 def _train(args) -> int:
     from jaxlm import overrides, train
+    from jaxlm.training import base
 
-    config = overrides.load(args.config)
-    if config.model.init_from:  # show the model shape the Hugging Face checkpoint sets
-        from jaxlm.hf import importer
-
-        config = importer.resolve_init_from(config)
+    config = base.resolve(overrides.load(args.config))  # with the model shape model.init_from sets
     if args.print_config:
         import json
 
@@ -32,19 +29,26 @@ def _train(args) -> int:
         return 0
     if config.task != "pretrain":  # task=sft / task=dpo in a config: the finetuning entry point
         return _run_finetune(config)
-    summary = train.train(config)
-    if summary.get("stopped_by"):
-        print(f"stopped by {summary['stopped_by']} at step {summary['step']}; run the same command to resume")
-    print(f"run directory: {summary['run_dir']}")
-    print(f"  checkpoints: {summary['checkpoints']} (step {summary['step']})")
-    print(f"  metrics: {summary['run_dir']}/metrics.jsonl, TensorBoard: {summary['run_dir']}/tensorboard")
-    print(f"  config: {summary['run_dir']}/config.json, loss curve: {summary['run_dir']}/loss.png")
-    if "loss" in summary:
-        line = f"  final train loss {summary['loss']:.4f}"
-        if "eval_loss" in summary:
-            line += f", eval loss {summary['eval_loss']:.4f}"
+    s = train.train(config)
+    _print_run(s)
+    print(f"  checkpoints: {s.checkpoints} (step {s.step})")
+    print(f"  metrics: {s.run_dir}/metrics.jsonl, TensorBoard: {s.run_dir}/tensorboard")
+    print(f"  config: {s.run_dir}/config.json, loss curve: {s.run_dir}/loss.png")
+    if "loss" in s.metrics:
+        line = f"  final train loss {s.metrics['loss']:.4f}"
+        if "eval/loss" in s.metrics:
+            line += f", eval loss {s.metrics['eval/loss']:.4f}"
         print(line)
     return 0
+
+
+def _print_run(s) -> None:
+    """The lines every training command starts its report with."""
+    if s.stopped_by:
+        print(f"stopped by {s.stopped_by} at step {s.step}; run the same command to resume")
+    if s.changes:
+        print("  changed since the last segment: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in s.changes.items()))
+    print(f"run directory: {s.run_dir}")
 
 
 def _generate(args) -> int:
@@ -123,9 +127,9 @@ def _eval(args) -> int:
     summary = {"run_dir": args.run_dir, "step": run.step, "quantize": args.quantize, "results": results}
     print(json.dumps(summary, indent=2))
     if args.output:
-        from jaxlm.train import write_json_atomic
+        from jaxlm.core import atomic
 
-        write_json_atomic(args.output, summary)
+        atomic.write_json(args.output, summary)
     return 0
 
 
@@ -187,23 +191,22 @@ def _run_finetune(config) -> int:
     from jaxlm import finetune
 
     s = finetune.finetune(config)
-    if s.get("stopped_by"):
-        print(f"stopped by {s['stopped_by']} at step {s['step']}; run the same command to resume")
-    print(f"run directory: {s['run_dir']}")
-    print(f"  data: {s['data']}")
-    if "loss" in s:
-        line = f"  final train loss {s['loss']:.4f}"
-        if "margin" in s:
-            line += f", margin {s['margin']:.4f}, reward accuracy {s['reward_accuracy']:.2f}"
-        if s.get("eval"):
-            before = f"{s['eval_before']['loss']:.4f} -> " if s.get("eval_before") else ""
-            line += f"; eval loss {before}{s['eval']['loss']:.4f}"
+    _print_run(s)
+    print(f"  data: {s.data}")
+    m = s.metrics
+    if "loss" in m:
+        line = f"  final train loss {m['loss']:.4f}"
+        if "margin" in m:
+            line += f", margin {m['margin']:.4f}, reward accuracy {m['reward_accuracy']:.2f}"
+        if "eval/loss" in m:
+            before = f"{s.eval_before['loss']:.4f} -> " if "loss" in s.eval_before else ""
+            line += f"; eval loss {before}{m['eval/loss']:.4f}"
         print(line)
-    print(f"  base params: {s['base_mib']:.1f} MiB")
-    if "adapters" in s:
-        print(f"  LoRA adapters: {s['adapters']}  (jaxlm peft export RUN OUT writes them for peft)")
-    if "checkpoint" in s:
-        print(f"  merged model: {s['checkpoint']}  (jaxlm generate {s['run_dir']}; jaxlm convert to-hf {s['run_dir']} DIR)")
+    print(f"  base params: {s.base_mib:.1f} MiB")
+    if s.adapters:
+        print(f"  LoRA adapters: {s.adapters}  (jaxlm peft export RUN OUT writes them for peft)")
+    if s.merged:
+        print(f"  merged model: {s.merged}  (jaxlm generate {s.run_dir}; jaxlm convert to-hf {s.run_dir} DIR)")
     return 0
 
 
@@ -288,17 +291,17 @@ def _tokenizer_train(args) -> int:
 
 
 def _peft_export(args) -> int:
-    from jaxlm import peft
+    from jaxlm import adapter_runs
 
-    out = peft.export_run(args.run_dir, args.out, args.base_model)
+    out = adapter_runs.export_run(args.run_dir, args.out, args.base_model)
     print(f"PEFT adapter: {out}  (peft.PeftModel.from_pretrained(base_model, {out!r}))")
     return 0
 
 
 def _peft_import(args) -> int:
-    from jaxlm import peft
+    from jaxlm import adapter_runs
 
-    out = peft.import_run(args.adapter_dir, args.base_run, args.out)
+    out = adapter_runs.import_run(args.adapter_dir, args.base_run, args.out)
     print(f"run directory: {out}  (the base with the adapter merged; the adapter itself in {out}/adapters)")
     return 0
 
@@ -420,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="SFT or DPO, full or LoRA/QLoRA",
         description="Finetune a model: task=sft (default) on chat JSONL ({\"messages\": [...]} or\n"
                     "{\"prompt\", \"response\"}), loss on assistant tokens only; or task=dpo on\n"
-                    "{\"prompt\", \"chosen\", \"rejected\"} JSONL. finetune.base: a jaxlm run directory, hf:DIR,\n"
+                    "{\"prompt\", \"chosen\", \"rejected\"} JSONL. model.init_from: a jaxlm run directory, hf:DIR,\n"
                     "or empty for random weights. finetune.data: a JSONL file, chatterbot:english or\n"
                     "chatterbot:chinese. lora.targets (path regexes such as 'attn/(q|v)$') switch to LoRA,\n"
-                    "lora.quantize=int8|nf4 to QLoRA.\n\nExample: jaxlm finetune sft_tiny finetune.base=runs/tiny\n\n"
+                    "lora.quantize=int8|nf4 to QLoRA.\n\nExample: jaxlm finetune sft_tiny model.init_from=runs/tiny\n\n"
                     + CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="*", default=["sft_tiny"], help="preset, config files and overrides (default: sft_tiny)")
@@ -528,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxlm: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one clear line for known failure kinds, tracebacks for bugs
-        from jaxlm.train import NonFiniteError
+        from jaxlm.training.loop import NonFiniteError
 
         if isinstance(e, NonFiniteError):
             print(f"jaxlm: error: {e}", file=sys.stderr)

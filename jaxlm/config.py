@@ -48,7 +48,8 @@ class ModelConfig:
     # "llama": RMSNorm, RoPE, SwiGLU. "gpt2": learned positions, LayerNorm with bias, GELU MLP, biases on
     # every projection (Hugging Face GPT-2 checkpoints).
     architecture: Literal["llama", "gpt2"] = "llama"
-    # "hf:DIR" starts a fresh run from a Hugging Face checkpoint; its config.json sets the model's shape.
+    # Where the weights start (pretraining and finetuning alike): "" random, "hf:DIR" a Hugging Face
+    # checkpoint, or a jaxlm run directory; the checkpoint's config sets the model's shape.
     init_from: str = ""
 
     @property
@@ -227,8 +228,6 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    # "" starts from random weights; otherwise a jaxlm run directory, or hf:DIR for a Hugging Face checkpoint.
-    base: str = ""
     # A JSONL file (chat "messages", or "prompt"/"response"; DPO: "prompt"/"chosen"/"rejected"), or
     # chatterbot:english / chatterbot:chinese for the chat corpus shipped in chatterbot-corpus.
     data: str = "chatterbot:english"
@@ -265,9 +264,6 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
     if m.resolved_head_dim % 2:
         raise ConfigError(f"head dim {m.resolved_head_dim} must be even for RoPE")
-    if m.init_from and not m.init_from.startswith("hf:"):
-        raise ConfigError(f"model.init_from={m.init_from!r} is not supported; use model.init_from=hf:DIR "
-                          f"(a Hugging Face checkpoint directory)")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.batch_size % o.grad_accum:

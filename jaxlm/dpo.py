@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxlm import chat
 from jaxlm.sft import Report, usable
-from jaxlm.train_step import _token_losses
+from jaxlm.training.losses import token_losses
+from jaxlm.training.objectives import Objective, forward
 
 SIDES = ("chosen", "rejected")
 
@@ -74,34 +75,35 @@ def build_rows(rows, template: chat.Template, encode: Callable, seq_len: int, re
     return out
 
 
-def sequence_logps(apply_fn: Callable, params, batch: dict, rngs=None) -> dict[str, jax.Array]:
+def sequence_logps(apply_fn: Callable, params, batch: dict, rng=None, dropout: bool = False) -> dict[str, jax.Array]:
     """{side: (B,) summed log-probs of the response tokens}, both sides in one forward pass."""
     cat = lambda key: jnp.concatenate([batch[f"{s}_{key}"] for s in SIDES])
-    kwargs = {"rngs": rngs} if rngs else {}
-    logits = apply_fn({"params": params}, cat("inputs"), cat("positions"), cat("segment_ids"), **kwargs)
-    _, nll = _token_losses(logits, cat("targets"))
+    both = {k: cat(k) for k in ("inputs", "positions", "segment_ids")}
+    logits = forward(apply_fn, params, both, rng, dropout)
+    _, nll = token_losses(logits, cat("targets"))
     logp = -jnp.sum(nll * cat("mask").astype(jnp.float32), axis=-1)
     b = batch["chosen_inputs"].shape[0]
     return {"chosen": logp[:b], "rejected": logp[b:]}
 
 
-def make_loss(apply_fn: Callable, beta: float, dropout: bool = False):
-    """loss(params, batch, rng) -> (mean DPO loss, metrics) for `train_step.make_finetune_step`."""
+def objective(apply_fn: Callable, beta: float, dropout: bool = False) -> Objective:
+    """DPO as an objective: sums over the batch's pairs (`jaxlm.training.objectives`)."""
 
     def loss(params, batch, rng):
-        logp = sequence_logps(apply_fn, params, batch, {"dropout": rng} if dropout else None)
+        logp = sequence_logps(apply_fn, params, batch, rng, dropout)
         reward_c = beta * (logp["chosen"] - batch["ref_chosen"])
         reward_r = beta * (logp["rejected"] - batch["ref_rejected"])
         margin = reward_c - reward_r
+        total = jnp.sum(jax.nn.softplus(-margin))  # softplus(-x) = -log sigmoid(x)
         metrics = {
-            "reward_chosen": reward_c.mean(), "reward_rejected": reward_r.mean(), "margin": margin.mean(),
-            "reward_accuracy": (margin > 0).astype(jnp.float32).mean(),
+            "loss": total, "reward_chosen": reward_c.sum(), "reward_rejected": reward_r.sum(), "margin": margin.sum(),
+            "reward_accuracy": (margin > 0).astype(jnp.float32).sum(),
             "tokens": sum(jnp.sum(batch[f"{s}_segment_ids"] > 0) for s in SIDES).astype(jnp.float32),
-            "weight": jnp.asarray(margin.shape[0], jnp.float32),  # the loss is a mean over pairs
+            "weight": jnp.asarray(margin.shape[0], jnp.float32),  # the sums are over pairs
         }
-        return jnp.mean(jax.nn.softplus(-margin)), metrics  # softplus(-x) = -log sigmoid(x)
+        return total, metrics
 
-    return loss
+    return Objective("dpo", loss, per_token=False)
 
 
 def fill_reference(apply_fn: Callable, params, rows: dict[str, np.ndarray], batch_size: int, progress: bool = True) -> int:

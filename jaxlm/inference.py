@@ -7,11 +7,11 @@ import os
 
 import jax
 
-import optax
-
-from jaxlm import attention, mesh as mesh_lib, overrides, quantize as quantize_lib, sharded_init
+from jaxlm import mesh as mesh_lib, overrides, quantize as quantize_lib
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import Config, ConfigError
+from jaxlm.config import Config, ConfigError, LoraConfig
+from jaxlm.core import rundir
+from jaxlm.training import assembly
 from jaxlm.hf import tokenizer as hf_tokenizer
 from jaxlm.model import Transformer
 
@@ -34,7 +34,7 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
     """Loads the params of `step` (default: the latest), optionally weight-only quantized
     (`jaxlm.quantize` formats int8, int4, nf4)."""
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
-    config_path = os.path.join(run_dir, "config.json")
+    config_path = os.path.join(run_dir, rundir.CONFIG)
     if not os.path.isfile(config_path):
         raise ConfigError(f"{run_dir} is not a jaxlm run directory (no config.json); pass the directory `jaxlm train` printed")
     config = overrides.load([config_path])
@@ -42,21 +42,18 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
     if tokenizer.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"{run_dir}/{TOKENIZER_FILE} has {tokenizer.vocab_size()} pieces but the model has "
                           f"{config.model.vocab_size}: the tokenizer does not belong to this checkpoint")
-    ckpt = Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), config.checkpoint)
+    ckpt = Checkpointer(rundir.checkpoint_dir(run_dir, config.checkpoint.dir), config.checkpoint)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise ConfigError(f"{ckpt.directory} holds no complete checkpoint; train first or pass another run")
     if step not in ckpt.manager.all_steps():
         raise ConfigError(f"{ckpt.directory} has no checkpoint for step {step}; it has {ckpt.manager.all_steps()}")
-    model = Transformer(config.model, attention.resolve(config.model.attention))
+    # The saved model is a plain one: LoRA runs save their adapters merged in.
+    spec = assembly.build(dataclasses.replace(config, lora=LoraConfig()))
     mesh = mesh_lib.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-        # Only the params' shapes and shardings are needed, so the abstract state has no optimizer state.
-        init = sharded_init.make_init_fn(model, optax.identity(), config.train.seed)
-        abstract = sharded_init.abstract_state(init, mesh)
-        params = ckpt.restore_params(step, abstract.params)
+        params = ckpt.restore_params(step, assembly.abstract_state(spec, mesh).params)
         if quantize:  # codes and scales sharded like the weights they replace
-            boxed = jax.eval_shape(init).params
-            params = quantize_lib.quantize_sharded(params, quantize, block_size, boxed, mesh)
+            params = quantize_lib.quantize_sharded(params, quantize, block_size, assembly.boxed_params(spec.model), mesh)
     ckpt.close()
-    return LoadedRun(config, model, params, tokenizer, step, run_dir, mesh)
+    return LoadedRun(config, spec.model, params, tokenizer, step, run_dir, mesh)

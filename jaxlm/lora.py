@@ -186,7 +186,7 @@ class Lora:
 
     def make_init_fn(self, tx, seed: int):
         """init() -> TrainState for `sharded_init.abstract_state` / `materialize`, like `sharded_init.make_init_fn`."""
-        from jaxlm.train_step import TrainState
+        from jaxlm.core.train_state import TrainState
 
         params_fn = self.make_params_fn(seed)
 

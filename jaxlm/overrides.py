@@ -100,12 +100,25 @@ def parse_literal(key: str, text: str, tp) -> Any:
         raise ConfigError(f"{key}={text} cannot be parsed: expected a literal of type {_type_name(tp)}") from None
 
 
+# Keys that were merged into another: each is refused with a line naming its successor.
+RENAMED = {"finetune.base": "model.init_from"}
+
+
+def _renamed(key: str) -> None:
+    if key in RENAMED:
+        raise ConfigError(f"{key} is now {RENAMED[key]} (the one setting for where a run's weights start: "
+                          f"hf:DIR or a jaxlm run directory); use {RENAMED[key]}=...")
+
+
 def apply(config: Config, values: dict[str, Any]) -> Config:
     """Applies already-parsed dotted values, type-checked, and returns the new config."""
     keys = all_keys(config)
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for key, value in values.items():
+        if key in RENAMED and not value:  # an empty old key in a saved config means nothing
+            continue
+        _renamed(key)
         if key not in keys:
             raise ConfigError(f"unknown config key '{key}'{_nearest(key, keys)}")
         value = coerce(key, keys[key], value)
@@ -126,6 +139,7 @@ def parse_overrides(config: Config, args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{arg}' must look like section.field=value (e.g. model.num_layers=4)")
         key, text = arg.split("=", 1)
         key = key.strip()
+        _renamed(key)
         if key not in keys:
             raise ConfigError(f"unknown config key '{key}'{_nearest(key, keys)}")
         if key in values:

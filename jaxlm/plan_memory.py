@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from jaxlm import attention, mesh as mesh_lib, optim, sharded_init
+from jaxlm import attention, mesh as mesh_lib, sharded_init
 from jaxlm.config import Config
 from jaxlm.model import Transformer
 from jaxlm.sharding import BATCH_AXES, batch_sharding, logical_sharding, tree_shardings
-from jaxlm.train_step import make_train_step
+from jaxlm.training import assembly
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 GIB = 1 << 30
@@ -61,13 +61,10 @@ class Compiled:
         return self.argument + self.output - self.alias + self.temp
 
 
-def _model_and_tx(config: Config):
+def _spec(config: Config) -> assembly.ModelSpec:
     # Initialised through the XLA attention path: the parameters do not depend on the kernel, and
     # flash kernels reject the short dummy sequence that `init` traces.
-    model = Transformer(config.model, "xla")
-    params = sharded_init.abstract_params(model)
-    tx = optim.build_optimizer(config.optim, config.train.steps, params)
-    return model, tx
+    return assembly.build(config, "xla")
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
@@ -85,8 +82,7 @@ def _local_bytes(abstract_tree, shardings) -> int:
 def analytic(config: Config, sizes: dict[str, int], impl: str = "xla") -> Memory:
     """Per-device bytes on a mesh of `sizes` (axis -> total size, ICI x DCN), without compiling."""
     mesh = abstract_mesh(sizes)
-    model, tx = _model_and_tx(config)
-    boxed = jax.eval_shape(sharded_init.make_init_fn(model, tx, 0))
+    boxed = jax.eval_shape(_spec(config).init)
     shardings = tree_shardings(boxed, mesh)
     state = sharded_init.strip_boxes(boxed)
     params = _local_bytes(state.params, shardings.params)
@@ -150,13 +146,15 @@ def compiled(config: Config, devices) -> Compiled:
     platform = devices[0].platform
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     impl = attention.resolve(config.model.attention, platform)
-    model, tx = _model_and_tx(config)
-    t, o = config.train, config.optim
-    step = make_train_step(Transformer(config.model, impl).apply, tx, o.z_loss, o.grad_accum, optim.schedule(o, t.steps))
+    spec = _spec(config)
+    model = Transformer(config.model, impl)  # the step runs the target's attention kernel
+    step_spec = dataclasses.replace(spec, model=model, apply_fn=model.apply)
+    step = assembly.step_function(step_spec, assembly.objective(config, step_spec))
+    t = config.train
     # The program `jaxlm train` compiles, whatever matmul precision the caller set globally (the tests
     # pin "highest" for exact CPU comparisons, which the TPU flash kernel rejects for bf16).
     with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
-        abstract = sharded_init.abstract_state(sharded_init.make_init_fn(model, tx, 0), mesh)
+        abstract = assembly.abstract_state(spec, mesh)
         sharding = batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=sharding) for k in BATCH_KEYS}
         try:

@@ -1,4 +1,4 @@
-"""Supervised finetuning data and loss: chats rendered with a template, loss on assistant tokens only, packed.
+"""Supervised finetuning data: chats rendered with a template, loss on assistant tokens only, packed.
 
 A conversation is rendered once per assistant turn (the prefix up to that turn, with the generation
 prompt, then the prefix including it), so the assistant's text and the template's end-of-turn marker are
@@ -15,13 +15,11 @@ import json
 import logging
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import chat
 from jaxlm.config import ConfigError
-from jaxlm.train_step import cross_entropy
+from jaxlm.data import packing
 
 log = logging.getLogger(__name__)
 
@@ -127,90 +125,24 @@ def pack(examples, seq_len: int, pack_rows: bool = True) -> dict[str, np.ndarray
     """Rows (R, seq_len) of inputs, targets, positions, segment ids and loss masks.
 
     Each example keeps its own segment id (attention never crosses it) and positions from 0; a target is
-    trained only when the example's mask marks it. Packing is first fit in the given order; padding is
-    segment 0 with no loss. Without packing, each example gets its own row.
+    trained only when the example's mask marks it. Rows are the first-fit-decreasing bins of
+    `packing.first_fit`, as for pretraining documents, with examples in their given order inside a row;
+    padding is segment 0 with no loss. Without packing, each example gets its own row.
     """
-    rows: list[list] = []
-    space: list[int] = []
-    for tokens, mask in examples:
-        n = len(tokens) - 1
-        if n > seq_len:
-            raise ValueError(f"an example of {n + 1} tokens does not fit a row of {seq_len}")
-        slot = next((r for r, free in enumerate(space) if free >= n), None) if pack_rows else None
-        if slot is None:
-            rows.append([])
-            space.append(seq_len)
-            slot = len(rows) - 1
-        rows[slot].append((tokens, mask))
-        space[slot] -= n
-    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-    for r, row in enumerate(rows):
-        at = 0
-        for seg, (tokens, mask) in enumerate(row, 1):
-            n = len(tokens) - 1
-            out["inputs"][r, at:at + n] = tokens[:-1]
-            out["targets"][r, at:at + n] = tokens[1:]
-            out["positions"][r, at:at + n] = np.arange(n)
-            out["segment_ids"][r, at:at + n] = seg
-            out["loss_mask"][r, at:at + n] = mask[1:]
-            at += n
+    lengths = np.asarray([len(tokens) - 1 for tokens, _ in examples], np.int64)
+    if len(lengths) and lengths.max() > seq_len:
+        raise ValueError(f"an example of {lengths.max() + 1} tokens does not fit a row of {seq_len}")
+    bins = packing.first_fit(lengths, seq_len) if pack_rows else np.arange(len(examples))
+    num_rows = int(bins.max()) + 1 if len(bins) else 0
+    out = {k: np.zeros((num_rows, seq_len), np.int32) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    at, seg = np.zeros(num_rows, np.int64), np.zeros(num_rows, np.int64)
+    for (tokens, mask), r in zip(examples, bins):
+        n, a = len(tokens) - 1, at[r]
+        seg[r] += 1
+        out["inputs"][r, a:a + n] = tokens[:-1]
+        out["targets"][r, a:a + n] = tokens[1:]
+        out["positions"][r, a:a + n] = np.arange(n)
+        out["segment_ids"][r, a:a + n] = seg[r]
+        out["loss_mask"][r, a:a + n] = mask[1:]
+        at[r] += n
     return out
-
-
-def process_rows(batch_size: int) -> slice:
-    """This process's rows of a global batch: `sharding.global_batch` concatenates them in process order."""
-    n = batch_size // jax.process_count()
-    return slice(jax.process_index() * n, (jax.process_index() + 1) * n)
-
-
-class RowBatches:
-    """Endless batches of in-memory rows. Epoch e visits the rows in a permutation fixed by (seed, e), so the
-    batch of any step can be recomputed: the step is the whole data position, and a resumed run reads
-    exactly the batches an uninterrupted one would. Each process yields only its own rows."""
-
-    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, start: int = 0):
-        self.rows, self.batch_size, self.seed, self.step = rows, batch_size, seed, start
-        self.n = len(next(iter(rows.values())))
-        if self.n < batch_size:
-            raise ConfigError(f"the data packs into {self.n} rows, fewer than train.batch_size={batch_size}; "
-                              f"lower the batch size")
-        self.local = process_rows(batch_size)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        epoch, k = divmod(self.step, self.n // self.batch_size)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)[k * self.batch_size:(k + 1) * self.batch_size]
-        self.step += 1
-        return {key: v[order[self.local]] for key, v in self.rows.items()}
-
-    def get_state(self) -> dict:
-        return {"step": self.step}
-
-
-def make_loss(apply_fn: Callable, dropout: bool = False):
-    """loss(params, batch, rng) -> (mean loss over assistant tokens, metrics), for make_finetune_step.
-
-    "weight" is the assistant-token count the mean is over; "tokens" counts every non-padding token read."""
-
-    def loss(params, batch, rng):
-        rngs = {"dropout": rng} if dropout else None
-        kwargs = {"rngs": rngs} if rngs else {}
-        logits = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], **kwargs)
-        nll, _, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
-        return nll / jnp.maximum(count, 1.0), {"tokens": tokens, "weight": count}
-
-    return loss
-
-
-def eval_loss(apply_fn: Callable, params, rows: dict[str, np.ndarray], batch_size: int) -> float:
-    """Mean assistant-token loss over whole batches of `rows`."""
-    fn = jax.jit(lambda p, b: cross_entropy(apply_fn({"params": p}, b["inputs"], b["positions"], b["segment_ids"]),
-                                            b["targets"], b["loss_mask"]))
-    nll = count = 0.0
-    for i in range(0, len(rows["inputs"]) - batch_size + 1, batch_size):
-        n, _, c = fn(params, {k: v[i:i + batch_size] for k, v in rows.items()})
-        nll, count = nll + float(n), count + float(c)
-    return nll / max(count, 1.0)

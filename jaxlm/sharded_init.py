@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlm.sharding import tree_shardings
-from jaxlm.train_step import TrainState
+from jaxlm.core.train_state import TrainState
 
 
 def strip_boxes(tree):

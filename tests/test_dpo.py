@@ -10,6 +10,7 @@ from conftest import small_config
 
 from jaxlm import chat, cli, dpo, sft
 from jaxlm.model import Transformer
+from jaxlm.training.step import means
 
 BETA = 0.5
 PAIRS = [{"prompt": "Is the sky blue?", "chosen": "Yes, on a clear day.", "rejected": "No."},
@@ -57,8 +58,13 @@ def test_dpo_loss_and_gradients_match_a_direct_computation():
     keys = jax.random.split(jax.random.key(1), len(leaves))
     policy = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     refs = list(zip(rows["ref_chosen"].tolist(), rows["ref_rejected"].tolist()))
-    loss_fn = dpo.make_loss(model.apply, BETA)
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, rows, None), has_aux=True))(policy)
+    objective = dpo.objective(model.apply, BETA)
+
+    def mean_loss(p):  # the objective's sums over the pairs, as means
+        value, sums = objective.loss(p, rows, None)
+        return value / sums["weight"], means(sums)
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(policy)
     want, want_grads = jax.jit(jax.value_and_grad(lambda p: _direct_loss(model, p, template, refs)))(policy)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     # float32 sums of ~30 token log-probs: compare each gradient to a thousandth of its leaf's largest entry.

@@ -14,12 +14,12 @@ import optax
 import pytest
 from conftest import small_config
 
-from jaxlm import cli, dpo, finetune, sft
+from jaxlm import cli
 from jaxlm.config import LoraConfig, MeshConfig
 from jaxlm.mesh import make_mesh
-from jaxlm.model import Transformer
 from jaxlm.sharding import global_batch
-from jaxlm.train_step import make_finetune_step
+from jaxlm.training import assembly
+from jaxlm.training.step import make_step
 
 PAIRS = [("What is your name?", "I am a bot."), ("How are you?", "Fine, thanks."), ("Hi", "Hello there."),
          ("Where do you live?", "In a computer, far away.")]
@@ -52,21 +52,21 @@ def test_grad_accumulation_equals_one_whole_batch(task, lora):
     config = small_config()
     if lora:
         config = dataclasses.replace(config, lora=LoraConfig(targets=("attn/(q|v)$", "mlp/up$"), rank=4))
-    model = Transformer(config.model)
+    config = dataclasses.replace(config, task=task, finetune=dataclasses.replace(config.finetune, beta=0.5))
+    spec = assembly.build(config)
     mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     batch_np = _dpo_rows(0) if task == "dpo" else _rows(0)
     with jax.set_mesh(mesh):
         results = []
         for accum in (1, 4):
-            state, _, apply_fn, trainable, _, lo = finetune.build_state(config, model, None, mesh)
-            if lo is not None:  # nonzero B, so that the adapters shape the gradients
+            state = assembly.initial_state(spec, assembly.abstract_state(spec, mesh), mesh)
+            if spec.lora is not None:  # nonzero B, so that the adapters shape the gradients
                 state = state.replace(params={**state.params, "lora": jax.tree.map(
                     lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), state.params["lora"])})
             # Plain SGD, so the update is the gradient itself (Adam's first step is ~sign(g): it amplifies rounding).
             sgd = optax.sgd(1.0)
             state = state.replace(opt_state=sgd.init(state.params))
-            loss = dpo.make_loss(apply_fn, 0.5) if task == "dpo" else sft.make_loss(apply_fn)
-            step = jax.jit(make_finetune_step(loss, sgd, trainable, grad_accum=accum))
+            step = jax.jit(make_step(assembly.objective(config, spec), sgd, spec.trainable, grad_accum=accum))
             state, metrics = step(state, global_batch(batch_np, mesh))
             results.append(jax.device_get((metrics, state.params)))
     (m1, p1), (m4, p4) = results

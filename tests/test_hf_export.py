@@ -156,7 +156,7 @@ def test_converted_run_resumes_training_from_the_imported_weights(tmp_path):
     assert cli.main(["convert", "from-hf", src, run_dir, *_small_train_overrides(run_dir)]) == 0
     imported = load_run(run_dir).params
     summary = train.train(overrides.load([os.path.join(run_dir, "config.json")]))
-    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    assert summary.step == 2 and np.isfinite(summary.metrics["loss"])
     trained = load_run(run_dir).params
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0", "2"]
     delta = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), imported, trained)

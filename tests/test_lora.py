@@ -14,7 +14,8 @@ from jaxlm.mesh import make_mesh
 from jaxlm.model import Transformer
 from jaxlm.sharding import global_batch
 from jaxlm.quantize import NF4_LEVELS
-from jaxlm.train_step import make_finetune_step
+from jaxlm.training.objectives import next_token
+from jaxlm.training.step import make_step
 
 TARGETS = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
 
@@ -84,7 +85,7 @@ def test_a_lora_step_changes_only_adapters_and_the_base_holds_no_optimizer_state
     state = jax.jit(lo.make_init_fn(tx, seed=0))()
     state = sharded_init.strip_boxes(state)
     before = jax.device_get(state.params)
-    step = jax.jit(make_finetune_step(sft.make_loss(lo.apply), tx, trainable="lora"))
+    step = jax.jit(make_step(next_token(lo.apply), tx, trainable="lora"))
     for _ in range(2):
         state, metrics = step(state, _batch(config))
     after = jax.device_get(state.params)
@@ -109,7 +110,7 @@ def _lora_step(config, mesh_config, n, batch_np, lora_config=LoraConfig(targets=
         state = state.replace(params={**state.params, "lora": jax.tree.map(
             lambda x, s: jax.device_put(x, s), _random_b(state.params["lora"]),
             jax.tree.map(lambda a: a.sharding, abstract.params["lora"]))})
-        step = jax.jit(make_finetune_step(sft.make_loss(lo.apply), tx, trainable="lora"), donate_argnums=0)
+        step = jax.jit(make_step(next_token(lo.apply), tx, trainable="lora"), donate_argnums=0)
         state, metrics = step(state, global_batch(batch_np, mesh))
         return abstract, jax.device_get((metrics["loss"], metrics["grad_norm"], state.params["lora"], state.params["base"]))
 
@@ -258,7 +259,7 @@ def test_qlora_base_within_quantization_error_and_finetuning_lowers_the_loss(fmt
     assert ratio < {"int8": 0.30, "nf4": 0.17}[fmt], ratio
 
     state = sharded_init.strip_boxes(jax.jit(lo.make_init_fn(tx, seed=0))())
-    step = jax.jit(make_finetune_step(sft.make_loss(lo.apply), tx, trainable="lora"))
+    step = jax.jit(make_step(next_token(lo.apply), tx, trainable="lora"))
     batch = _batch(config)
     losses = []
     for _ in range(6):

@@ -14,7 +14,7 @@ from jaxlm.config import ConfigError
 from jaxlm.layers import rope_frequencies
 from jaxlm.model import Transformer, count_params, stack_layers, unstack_layers
 from jaxlm.sharded_init import abstract_params
-from jaxlm.train_step import loss_fn
+from jaxlm.training.objectives import next_token
 
 
 def _batch(vocab=128, b=2, t=16, seed=0):
@@ -32,7 +32,7 @@ def _init(model, batch):
 
 
 def _loss_and_grads(model, params, batch):
-    f = lambda p: loss_fn(p, model.apply, batch)[0]
+    f = lambda p: next_token(model.apply).loss(p, batch, None)[1]["loss"]
     return jax.jit(jax.value_and_grad(f))(params)
 
 
@@ -162,7 +162,7 @@ def test_full_size_presets_build_through_eval_shape(preset, published):
 
 def test_cross_entropy_gradient_matches_autodiff():
     """The hand-written backward of the fused cross-entropy equals autodiff of the plain formula."""
-    from jaxlm.train_step import cross_entropy
+    from jaxlm.training.losses import cross_entropy
 
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)

@@ -102,7 +102,7 @@ def test_adapter_made_by_peft_imports_with_the_same_logits(tmp_path):
 
 @pytest.mark.slow  # the whole chain through the CLI: about a minute on 2 cores
 def test_finetune_from_hf_then_peft_export_and_merged_export_match(tmp_path, capsys):
-    """HF model -> `jaxlm finetune finetune.base=hf:DIR` (LoRA SFT) -> `jaxlm peft export` loads in peft, and
+    """HF model -> `jaxlm finetune model.init_from=hf:DIR` (LoRA SFT) -> `jaxlm peft export` loads in peft, and
     `jaxlm convert to-hf` of the merged run loads in transformers, both with the finetuned run's logits."""
     import json
 
@@ -118,7 +118,7 @@ def test_finetune_from_hf_then_peft_export_and_merged_export_match(tmp_path, cap
             words = rng.choice(WORDS, size=6).tolist()
             f.write(json.dumps({"prompt": " ".join(words[:3]), "response": " ".join(words[3:])}) + "\n")
     run = tmp_path / "run"
-    argv = ["finetune", "sft_tiny", f"finetune.base=hf:{hf_dir}", f"finetune.data={tmp_path}/chats.jsonl",
+    argv = ["finetune", "sft_tiny", f"model.init_from=hf:{hf_dir}", f"finetune.data={tmp_path}/chats.jsonl",
             f"train.run_dir={run}", "train.steps=6", "train.seq_len=32", "train.progress=False",
             "model.dtype=float32", "optim.lr=2e-2", "optim.warmup_steps=1", "lora.rank=4"]
     assert cli.main(argv) == 0

@@ -10,6 +10,7 @@ from conftest import small_config
 from jaxlm import chat, cli, finetune, sft
 from jaxlm.config import ConfigError
 from jaxlm.model import Transformer
+from jaxlm.training.objectives import next_token
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name?"},
@@ -42,7 +43,9 @@ def test_no_loss_on_prompt_tokens():
     template = chat.Template(chat.CHATML)
     rows = sft.pack([tuple(map(np.array, sft.encode_conversation(CHAT, template, encode)))], seq_len=256)
     params = jax.jit(model.init)(jax.random.key(0), rows["inputs"][:, :8])["params"]
-    loss = jax.jit(lambda b: sft.make_loss(model.apply)(params, b, None)[0])
+    def loss(b):  # the mean over assistant tokens: the objective's sum over its weight
+        value, sums = jax.jit(next_token(model.apply).loss)(params, b, None)
+        return value / sums["weight"]
     base = float(loss(rows))
     prompt = (rows["loss_mask"] == 0)
     changed = dict(rows, targets=np.where(prompt, (rows["targets"] + 7) % 256, rows["targets"]))

@@ -14,7 +14,8 @@ from jaxlm.config import CheckpointConfig, ConfigError, MeshConfig
 from jaxlm.mesh import make_mesh, mesh_shape
 from jaxlm.model import Transformer
 from jaxlm.sharding import global_batch
-from jaxlm.train_step import loss_fn, make_train_step
+from jaxlm.training.objectives import next_token
+from jaxlm.training.step import make_step
 
 MESHES = {
     "single": (MeshConfig(fsdp=1), 1),
@@ -48,9 +49,10 @@ def _one_step(config, mesh_name, batch_np):
     with jax.set_mesh(mesh):
         state, _ = sharded_init.create(init, mesh)
         batch = global_batch(batch_np, mesh)
-        grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, model.apply, batch)[0] / batch["loss_mask"].sum()))
+        nll = lambda p: next_token(model.apply).loss(p, batch, None)[1]["loss"]
+        grad_fn = jax.jit(jax.value_and_grad(lambda p: nll(p) / batch["loss_mask"].sum()))
         loss, grads = grad_fn(state.params)
-        step = jax.jit(make_train_step(model.apply, tx, 0.0, config.optim.grad_accum), donate_argnums=0)
+        step = jax.jit(make_step(next_token(model.apply), tx, grad_accum=config.optim.grad_accum), donate_argnums=0)
         state, metrics = step(state, batch)
         return jax.device_get((loss, grads, metrics["loss"], state.params))
 

@@ -17,7 +17,8 @@ from conftest import small_config
 
 from jaxlm import optim, sharded_init
 from jaxlm.model import Transformer
-from jaxlm.train_step import make_train_step
+from jaxlm.training.objectives import next_token
+from jaxlm.training.step import make_step
 
 SMALL = ["tiny", "model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
          "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "train.seq_len=64",
@@ -130,7 +131,7 @@ def _state_and_step(config, trainable=None):
     params = sharded_init.abstract_params(model)
     tx = optim.build_optimizer(config.optim, 10, params, trainable)
     state = sharded_init.strip_boxes(sharded_init.make_init_fn(model, tx, 0)())
-    step = jax.jit(make_train_step(model.apply, tx, 0.0, 1))
+    step = jax.jit(make_step(next_token(model.apply), tx))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 128, (4, 17)), jnp.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": jnp.broadcast_to(jnp.arange(16), (4, 16)),

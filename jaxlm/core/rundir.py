@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from jaxlm.config import ConfigError
+
 CONFIG = "config.json"
 SEGMENTS = "configs"  # one resolved config per segment of the run: configs/<first step>.json
 SENTENCEPIECE = "tokenizer.model"
@@ -38,3 +40,72 @@ def path(run_dir: str, *names: str) -> str:
 def checkpoint_dir(run_dir: str, override: str = "") -> str:
     """Where a run's model checkpoints live: `checkpoint.dir` when set, else <run>/checkpoints."""
     return override or os.path.join(run_dir, CHECKPOINTS)
+
+
+# Settings a resumed run may change: how long it runs, how it is watched, checkpointed, laid out on
+# devices and computed. Anything else (the model, data, optimizer, seed) would make the checkpoint's
+# state or the data order mean something else.
+RESUMABLE = ("name", "train.run_dir", "train.steps", "train.stop_at", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.eval_tasks", "train.eval_limit", "train.on_nonfinite", "train.profile_start",
+             "train.profile_steps", "train.peak_flops", "train.progress", "checkpoint.", "distributed.", "mesh.",
+             "data.workers", "data.cache_dir", "model.attention", "model.remat")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for every setting that differs (compared as JSON stores them)."""
+    import json
+
+    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(new)))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+class RunDir:
+    """A run directory. Nothing is written into it until `begin_segment`, which comes after everything
+    has been validated, so that a command that fails leaves an existing run exactly as it was."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+
+    def path(self, *names: str) -> str:
+        return os.path.join(self.directory, *names)
+
+    def saved_config(self) -> dict | None:
+        import json
+
+        try:
+            with open(self.path(CONFIG), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a damaged config.json is replaced by the next segment's
+
+    def check_resume(self, config: dict, has_checkpoint: bool) -> dict[str, tuple]:
+        """Raises ConfigError naming the keys when a run that has a checkpoint is given a config that
+        differs in anything resuming cannot allow; returns the allowed changes."""
+        saved = self.saved_config()
+        if saved is None or not has_checkpoint:
+            return {}
+        changes = config_changes(saved, config)
+        refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE)}
+        if refused:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:6])
+            more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+            raise ConfigError(f"{self.directory} holds a run with a different config ({shown}{more}); "
+                             f"use a new train.run_dir, or the run's own settings to resume it")
+        return changes
+
+    def begin_segment(self, config: dict, start: int) -> None:
+        """Writes the config this segment of the run uses, as config.json and configs/<start>.json."""
+        from jaxlm.core import atomic
+
+        os.makedirs(self.path(SEGMENTS), exist_ok=True)
+        atomic.write_json(self.path(SEGMENTS, f"{start}.json"), config)
+        atomic.write_json(self.path(CONFIG), config)

@@ -136,3 +136,18 @@ class ConcatRows:
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         i = int(np.searchsorted(self.offsets, r, side="right")) - 1
         return self.parts[i][r - int(self.offsets[i])]
+
+
+class ArrayRows:
+    """Rows already in memory ({key: (R, ...) array}, e.g. packed chats or preference pairs), as a
+    random-access source that grain can shuffle like any other."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.num_rows = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        return {k: v[r] for k, v in self.arrays.items()}

@@ -81,7 +81,7 @@ def export(run_dir: str, out: str, dtype: str = "float32", step: int | None = No
            max_shard_bytes: int = 5 << 30) -> str:
     """Writes the run's checkpoint (`step`, default the latest) as a Hugging Face model directory `out`."""
     from jaxlm.inference import load_run
-    from jaxlm.train import write_json_atomic
+    from jaxlm.core.atomic import write_json as write_json_atomic
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")

@@ -19,18 +19,18 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from jaxlm import attention, mesh as mesh_lib, optim, sharded_init
+from jaxlm import mesh as mesh_lib, sharded_init
 from jaxlm.config import Config, ConfigError, ModelConfig, validate
 from jaxlm.hf import families, tokenizer as hf_tokenizer
 from jaxlm.hf.families import TensorMap
 from jaxlm.hf.tensors import SafetensorsDir, few
 from jaxlm.model import Transformer
 from jaxlm.sharding import tree_shardings
-from jaxlm.train_step import TrainState
+from jaxlm.core import atomic, rundir
 
 log = logging.getLogger(__name__)
 
-HF_CONFIG_FILE = "hf_config.json"  # the imported checkpoint's config.json, kept in the run for export
+HF_CONFIG_FILE = rundir.HF_CONFIG
 
 
 def read_config(hf_dir: str) -> dict:
@@ -67,9 +67,7 @@ def resolve_init_from(config: Config) -> Config:
 def copy_run_files(hf_dir: str, run_dir: str) -> str | None:
     """Copies the tokenizer files and the Hugging Face config.json (as hf_config.json) into a run directory.
     Returns the tokenizer file jaxlm reads, or None."""
-    from jaxlm.train import write_json_atomic
-
-    write_json_atomic(os.path.join(run_dir, HF_CONFIG_FILE), read_config(hf_dir))
+    atomic.write_json(os.path.join(run_dir, HF_CONFIG_FILE), read_config(hf_dir))
     return hf_tokenizer.copy_files(hf_dir, run_dir)
 
 
@@ -169,19 +167,12 @@ def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) 
     return traverse_util.unflatten_dict(out)
 
 
-def state_from_hf(init, abstract: TrainState, hf_dir: str, c: ModelConfig, mesh: Mesh) -> TrainState:
-    """A fresh train state whose params come from `hf_dir`. The optimizer state, step and RNG are what `init`
-    makes (they do not depend on the params' values, so XLA never computes the random params)."""
-    params = load_params(hf_dir, c, mesh)
-    return sharded_init.materialize(init, abstract, keep=lambda s: s.replace(params=None)).replace(params=params)
-
-
 def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
     """Writes a jaxlm run directory at `out` (config.json, an Orbax checkpoint at step 0, the tokenizer and
     chat template) that `jaxlm generate`, `jaxlm train OUT/config.json` and export read."""
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.overrides import to_dict
-    from jaxlm.train import write_json_atomic
+    from jaxlm.training import assembly
 
     hf_dir, out = os.path.abspath(os.path.expanduser(hf_dir)), os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and os.listdir(out):
@@ -204,16 +195,14 @@ def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
     )
     validate(config)
     mesh = mesh_lib.make_mesh(config.mesh)
-    jax_model = Transformer(model, attention.resolve(model.attention))
-    tx = optim.build_optimizer(config.optim, config.train.steps, sharded_init.abstract_params(jax_model))
+    spec = assembly.build(config)
     with jax.set_mesh(mesh):
-        init = sharded_init.make_init_fn(jax_model, tx, config.train.seed)
-        abstract = sharded_init.abstract_state(init, mesh)
-        state = state_from_hf(init, abstract, hf_dir, model, mesh)
-        ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), dataclasses.replace(config.checkpoint, async_save=False))
+        params = load_params(hf_dir, model, mesh)  # the optimizer state is what a fresh run starts with
+        state = assembly.initial_state(spec, assembly.abstract_state(spec, mesh), mesh, params)
+        ckpt = Checkpointer(rundir.checkpoint_dir(tmp), dataclasses.replace(config.checkpoint, async_save=False))
         ckpt.save(0, state, None, to_dict(config), force=True)
         ckpt.close()
-    write_json_atomic(os.path.join(tmp, "config.json"), to_dict(config))
+    atomic.write_json(os.path.join(tmp, rundir.CONFIG), to_dict(config))
     if os.path.isdir(out):
         os.rmdir(out)  # empty, checked above
     os.replace(tmp, out)

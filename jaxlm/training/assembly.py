@@ -1,0 +1,221 @@
+"""The one run assembly: a config and a mesh become the run every command trains, plans, benchmarks or
+loads for inference.
+
+    spec = build(config)                  model, optimizer with its trainable mask, init function
+    abstract = abstract_state(spec, mesh) shapes and shardings; nothing allocated
+    run = assemble(config, mesh, ...)     the state (restored, initialised, or loaded from a base) and
+                                          the checkpointer
+    compiled = compile_step(...)          the one step factory, bound to the run's objective
+    result = run_loop(...)                the one loop, with the hooks every run registers
+
+Pretraining, SFT and DPO, fully or through LoRA/QLoRA, differ only in the objective (`OBJECTIVES`), the
+trainable subset, and where the starting weights come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import attention, distributed, flops, lora as lora_lib, optim, sharded_init
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import Config, ConfigError
+from jaxlm.core.train_state import TrainState
+from jaxlm.metrics import MetricsWriter
+from jaxlm.model import Transformer
+from jaxlm.preemption import StepBoundary, StopRequest
+from jaxlm.sharding import batch_divisor
+from jaxlm.training import hooks, objectives
+from jaxlm.training.loop import Loop, LoopResult
+from jaxlm.training.step import make_step
+from jaxlm.watchdog import Watchdog
+
+log = logging.getLogger("jaxlm.train")
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """What every site that trains, plans, benchmarks or loads a model builds from a config."""
+
+    config: Config
+    model: Transformer
+    tx: optax.GradientTransformation
+    init: Callable[[], TrainState]  # boxed params and optimizer state, for sharded_init
+    apply_fn: Callable  # the model's apply, or LoRA's (adapters merged on the fly)
+    trainable: str | None  # None: every param trains; "lora": only params["lora"]
+    lora: lora_lib.Lora | None
+
+    def checkpointed(self, state: TrainState) -> TrainState:
+        """The part of the state a checkpoint holds: all of it, or for LoRA all but the frozen base."""
+        return state if self.lora is None else without_base(state, self.lora)
+
+
+def without_base(state: TrainState, lo) -> TrainState:
+    """The state less its frozen base (which is loaded from the run's start): for LoRA the adapters, for a
+    full model no params at all."""
+    return state.replace(params=None if lo is None else {"lora": state.params["lora"]})
+
+
+def build(config: Config, impl: str | None = None) -> ModelSpec:
+    """The model and its optimizer; with `lora.targets`, adapters train and the base is frozen."""
+    model = Transformer(config.model, impl or attention.resolve(config.model.attention))
+    c, steps, seed = config.lora, config.train.steps, config.train.seed
+    if not c.targets:
+        tx = optim.build_optimizer(config.optim, steps, sharded_init.abstract_params(model))
+        return ModelSpec(config, model, tx, sharded_init.make_init_fn(model, tx, seed), model.apply, None, None)
+    lo = lora_lib.Lora(model, c, boxed_params(model))
+    tx = optim.build_optimizer(config.optim, steps, lo.abstract_params(seed), trainable=lo.trainable)
+    return ModelSpec(config, model, tx, lo.make_init_fn(tx, seed), lo.apply, "lora", lo)
+
+
+def boxed_params(model: Transformer):
+    """The model's params as ShapeDtypeStructs still boxed with their logical axis names."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+def abstract_state(spec: ModelSpec, mesh) -> TrainState:
+    return sharded_init.abstract_state(spec.init, mesh)
+
+
+def initial_state(spec: ModelSpec, abstract: TrainState, mesh, base_params=None) -> TrainState:
+    """A fresh state: random, or with `base_params` in place (never first built at random), quantized for
+    QLoRA; LoRA adapters fresh (B = 0) or from `lora.init_from`."""
+    lo, c = spec.lora, spec.config.lora
+    if base_params is None:
+        state = sharded_init.materialize(spec.init, abstract)
+    else:
+        state = sharded_init.materialize(spec.init, abstract, keep=lambda s: without_base(s, lo))
+        if lo is not None and c.quantize != "none":  # under jit: each code and scale is made on its shards
+            from jaxlm.quantize import quantize_sharded
+
+            base_params = quantize_sharded(base_params, c.quantize, c.block_size, boxed_params(spec.model), mesh)
+        target = abstract.params if lo is None else abstract.params["base"]
+        base_params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), base_params, target)
+        state = state.replace(params=base_params if lo is None else {"base": base_params, **state.params})
+    if lo is not None and c.init_from:  # continue from saved or PEFT adapters instead of fresh ones
+        from jaxlm.core import rundir
+
+        directory = os.path.expanduser(c.init_from)
+        if os.path.isfile(os.path.join(directory, rundir.ADAPTERS, lora_lib.ADAPTER_FILE)):
+            directory = os.path.join(directory, rundir.ADAPTERS)  # a finetuned run directory
+        adapters = lora_lib.initial_adapters(directory, lo, spec.config.model, spec.config.train.seed)
+        adapters = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), adapters, abstract.params["lora"])
+        state = state.replace(params={**state.params, "lora": adapters})
+    return state
+
+
+@dataclasses.dataclass
+class Run:
+    spec: ModelSpec
+    mesh: Any
+    abstract: TrainState
+    state: TrainState
+    data_state: dict | None  # the data position saved with the restored checkpoint
+    ckpt: Checkpointer
+    start: int  # the step the run continues from
+    resumed: bool
+
+
+def assemble(spec: ModelSpec, mesh, ckpt_dir: str, base_params=None,
+             before_restore: Callable[[TrainState], None] | None = None) -> Run:
+    """The run's state: the latest checkpoint in `ckpt_dir` if there is one (model, optimizer, step, RNG and
+    data position together), else a fresh state. A full model resumes straight into its shards, never built
+    first; a LoRA run rebuilds its frozen base from `base_params` and restores the adapters over it.
+    `before_restore(starting state)` runs on the starting model first (DPO computes its reference there)."""
+    config = spec.config
+    abstract = abstract_state(spec, mesh)
+    ckpt = Checkpointer(ckpt_dir, config.checkpoint)
+    try:
+        latest = ckpt.latest_step() if config.checkpoint.resume else None
+        if latest is not None and spec.lora is None and before_restore is None:
+            state, data_state = ckpt.restore(latest, abstract)
+        else:
+            state, data_state = initial_state(spec, abstract, mesh, base_params), None
+            if before_restore is not None:
+                before_restore(state)
+            if latest is not None:
+                restored, data_state = ckpt.restore(latest, spec.checkpointed(abstract))
+                state = restored if spec.lora is None else restored.replace(
+                    params={**state.params, "lora": restored.params["lora"]})
+    except BaseException:
+        ckpt.close()
+        raise
+    if latest is not None:
+        log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    return Run(spec, mesh, abstract, state, data_state, ckpt, int(state.step), latest is not None)
+
+
+def objective(config: Config, spec: ModelSpec, train: bool = True) -> objectives.Objective:
+    """The objective of `config.task`; dropout (LoRA adapter dropout) only when training."""
+    dropout = train and spec.lora is not None and config.lora.dropout > 0
+    return OBJECTIVES[config.task](config, spec.apply_fn, dropout)
+
+
+def _dpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
+    from jaxlm import dpo
+
+    return dpo.objective(apply_fn, config.finetune.beta, dropout)
+
+
+# task -> objective(config, apply_fn, dropout). A new training mode is a new entry here, not a new step.
+OBJECTIVES: dict[str, Callable] = {
+    "pretrain": lambda config, apply_fn, dropout: objectives.next_token(apply_fn, config.optim.z_loss, dropout),
+    "sft": lambda config, apply_fn, dropout: objectives.next_token(apply_fn, config.optim.z_loss, dropout),
+    "dpo": _dpo,
+}
+
+
+def step_function(spec: ModelSpec, objective_: objectives.Objective):
+    """The un-jitted train step of this run (the planner compiles it for other devices)."""
+    o, t = spec.config.optim, spec.config.train
+    return make_step(objective_, spec.tx, spec.trainable, optim.schedule(o, t.steps), o.grad_accum)
+
+
+def compile_step(spec: ModelSpec, objective_: objectives.Objective, state: TrainState, batch):
+    """The train step, jitted with the state donated and compiled once for `batch`; logs its memory."""
+    compiled = jax.jit(step_function(spec, objective_), donate_argnums=0).lower(state, batch).compile()
+    try:
+        m = compiled.memory_analysis()
+        gib = 1 << 30
+        log.info("compiled step: arguments %.2f GiB, outputs %.2f GiB, temporaries %.2f GiB per device",
+                 m.argument_size_in_bytes / gib, m.output_size_in_bytes / gib, m.temp_size_in_bytes / gib)
+    except (AttributeError, NotImplementedError):  # some backends do not report memory
+        pass
+    return compiled
+
+
+def check_batch(config: Config, mesh) -> None:
+    """Each micro-batch must split evenly over the batch axes of the mesh."""
+    micro = config.train.batch_size // config.optim.grad_accum
+    if micro % batch_divisor(mesh):
+        raise ConfigError(f"train.batch_size/optim.grad_accum={micro} is not divisible by the "
+                          f"{batch_divisor(mesh)}-way batch sharding (mesh data*fsdp*expert); change one of them")
+
+
+def run_loop(run: Run, run_dir: str, compiled, first_batch, batches, evaluate=None,
+             writer: MetricsWriter | None = None) -> tuple[TrainState, LoopResult]:
+    """The one training loop with the hooks every run has: metrics and progress, evaluation, checkpoints
+    with preemption handling, profiling and the hang watchdog."""
+    config, t, d = run.spec.config, run.spec.config.train, run.spec.config.distributed
+    writer = writer or MetricsWriter(run_dir)
+    watchdog = Watchdog(d.watchdog_s, jax.process_index(), jax.process_count())
+    loop = Loop(t.steps, run.mesh, t.on_nonfinite, watchdog)
+    peak = (t.peak_flops or flops.peak_flops_per_device()) * jax.device_count()
+    loop.add_hook(hooks.LogMetrics(writer, t.log_every, run.start, t.steps, flops.flops_per_token(config.model, t.seq_len),
+                                   peak, t.progress and jax.process_index() == 0))
+    if evaluate:
+        loop.add_hook(hooks.Evaluate(evaluate, writer, t.eval_every, t.steps))
+    # Hosts agree at step boundaries; a host that never arrives is an error after this long.
+    agreement = distributed.Agreement(timeout_s=max(2 * d.watchdog_s, 3600.0))
+    stop = StopRequest()
+    boundary = StepBoundary(stop, config.checkpoint.every_minutes, d.sync_every, agreement)
+    loop.add_hook(hooks.Checkpoint(run.ckpt, config, boundary, stop, t.steps, run.spec.checkpointed))
+    if t.profile_start:
+        loop.add_hook(hooks.Profile(run_dir, t.profile_start, t.profile_steps))
+    return loop.run(compiled, run.state, first_batch, batches, run.start)

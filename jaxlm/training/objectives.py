@@ -1,0 +1,51 @@
+"""Objectives: what a training mode minimises, as the one thing that differs between modes.
+
+An objective's `loss(params, batch, rng) -> (value, metrics)` returns sums over the batch, never means:
+- `value` is what is differentiated (it may include regularisers such as the z-loss);
+- `metrics["weight"]` is how many units the sums are over (tokens trained on, preference pairs, ...);
+- `metrics["loss"]` is the loss to report, summed;
+- any other metric is a sum too: the step and the eval loop divide it by the total weight, except those
+  named in `TOTALS`, which are reported as totals.
+Because everything is a sum, micro-batches, devices and eval batches combine by adding, and a step over
+K micro-batches equals one over the whole batch. `rng` is None when evaluating (no dropout).
+
+Pretraining's next-token loss is here; SFT's and DPO's live beside their data (`jaxlm.sft`, `jaxlm.dpo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+
+from jaxlm.training.losses import cross_entropy
+
+TOTALS = ("tokens", "weight")  # summed over the batch and reported as sums; every other metric is a mean
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    loss: Callable  # (params, batch, rng | None) -> (value, metrics of sums)
+    per_token: bool = True  # the loss is a mean per token, so evals also report perplexity
+
+
+def forward(apply_fn: Callable, params, batch, rng=None, dropout: bool = False, prefix: str = ""):
+    """The model's logits for `batch` (keys inputs/positions/segment_ids, each behind `prefix`)."""
+    kwargs = {"rngs": {"dropout": rng}} if dropout and rng is not None else {}
+    return apply_fn({"params": params}, batch[f"{prefix}inputs"], batch[f"{prefix}positions"],
+                    batch[f"{prefix}segment_ids"], **kwargs)
+
+
+def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False) -> Objective:
+    """Causal LM: cross-entropy of every target the batch's loss mask marks (pretraining and SFT alike;
+    SFT's mask marks the assistant's tokens only)."""
+
+    def loss(params, batch, rng):
+        logits = forward(apply_fn, params, batch, rng, dropout)
+        nll, zl, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+        return nll + zl, {"loss": nll, "weight": count, "tokens": tokens}
+
+    return Objective("next_token", loss)
