@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 
-from jaxlm.config import ConfigError
+from jaxlm.config import ConfigError, LoraConfig, PrepareConfig, Range, SamplingConfig, TrainConfig, numeric_kind
 
 CONFIG_HELP = """\
 CONFIG words, in order:
@@ -17,11 +19,55 @@ CONFIG words, in order:
 """
 
 
-def _train(args) -> int:
-    from jaxlm import overrides, train
-    from jaxlm.training import base
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, `jaxlm generate: error: ...` and exit status 2, like a ConfigError in
+    `main`: the usage block argparse prints first is left to --help. Subcommands inherit the class."""
 
-    config = base.resolve(overrides.load(args.config))  # with the model shape model.init_from sets
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+class Bounded:
+    """An argparse `type=`: a number of `kind` within `valid` (the config schema's Range), else a one-line
+    error naming the flag, the value and the range."""
+
+    def __init__(self, kind: type, valid: Range):
+        self.kind, self.valid = kind, valid
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if self.kind is int else 'a number'}: must be {self.valid}") from None
+        if value not in self.valid:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {self.valid}")
+        return value
+
+
+def bounded(kind: type, **bounds) -> Bounded:
+    """A flag's own range, e.g. bounded(float, gt=0, le=1)."""
+    return Bounded(kind, Range(**bounds))
+
+
+def like(schema: type, name: str) -> Bounded:
+    """A flag that sets what config field `schema.name` sets takes the same values: one range for both."""
+    field = next(f for f in dataclasses.fields(schema) if f.name == name)
+    return Bounded(numeric_kind(typing.get_type_hints(schema)[name]), field.metadata["range"])
+
+
+STEP = bounded(int, ge=0)  # a checkpoint step
+COUNT = bounded(int, ge=1)  # documents, rows, sentences
+
+
+def _train(args) -> int:
+    from jaxlm import overrides
+
+    config = overrides.load(args.config)  # before importing the trainer (and JAX): a bad config costs nothing
+    if config.model.init_from:  # show the model shape the starting checkpoint sets
+        from jaxlm.training import base
+
+        config = base.resolve(config)
     if args.print_config:
         import json
 
@@ -29,6 +75,8 @@ def _train(args) -> int:
         return 0
     if config.task != "pretrain":  # task=sft / task=dpo in a config: the finetuning entry point
         return _run_finetune(config)
+    from jaxlm import train
+
     s = train.train(config)
     _print_run(s)
     print(f"  checkpoints: {s.checkpoints} (step {s.step})")
@@ -211,7 +259,7 @@ def _run_finetune(config) -> int:
 
 
 def _prepare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="jaxlm data prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Normalise, filter, scrub PII, deduplicate (exact and MinHash), decontaminate and tokenize "
                     "raw .txt/.jsonl/.parquet files into ArrayRecord shards plus manifest.json. A re-run resumes.\n"
@@ -257,8 +305,6 @@ def _data_prepare(args) -> int:
 def _data_from_seqio(args) -> int:
     from jaxlm.data import seqio_source
 
-    if args.docs_per_shard <= 0:
-        raise ConfigError(f"--docs-per-shard={args.docs_per_shard} must be positive")
     result = seqio_source.export(args.task, args.out, ",".join(args.module), args.split, args.feature, args.seed,
                                  args.docs_per_shard, progress=not args.no_progress)
     folders = ",".join(f"'{f}'" for f in result.folders)
@@ -332,7 +378,7 @@ def _presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxlm", description="Train, finetune and run LLMs with JAX.")
+    parser = Parser(prog="jaxlm", description="Train, finetune and run LLMs with JAX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="pretrain a model", description="Pretrain a model. " + CONFIG_HELP,
@@ -347,14 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `jaxlm train` (holds config.json, tokenizer.model)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", help="a file with one prompt per line, generated as one batch")
-    p.add_argument("--step", type=int, help="checkpoint step to load (default: the latest)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--step", type=STEP, help="checkpoint step to load (default: the latest)")
+    p.add_argument("--max-new-tokens", type=like(SamplingConfig, "max_new_tokens"), default=64)
+    p.add_argument("--temperature", type=like(SamplingConfig, "temperature"), default=0.0,
+                   help="0 (default) decodes greedily")
+    p.add_argument("--top-k", type=like(SamplingConfig, "top_k"), default=0, help="0 (default) disables")
+    p.add_argument("--top-p", type=like(SamplingConfig, "top_p"), default=1.0, help="in (0, 1]; 1 (default) disables")
+    p.add_argument("--repetition-penalty", type=like(SamplingConfig, "repetition_penalty"), default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=like(SamplingConfig, "seed"), default=0)
     p.add_argument("--quantize", choices=("int8", "int4", "nf4"), help="weight-only quantize the params first")
     p.add_argument("--chat", action="store_true",
                    help="treat each prompt as a user message and render it with the run's chat template")
@@ -371,12 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `jaxlm train`")
     p.add_argument("--task", action="append", default=[], help="perplexity (default), mc:FILE.jsonl or humaneval; repeatable")
     p.add_argument("--text", action="append", default=[], help="glob of .txt files for perplexity instead of the held-out split")
-    p.add_argument("--limit", type=int, help="evaluate only the first N documents/questions/problems")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--limit", type=COUNT, help="evaluate only the first N documents/questions/problems")
+    p.add_argument("--step", type=STEP, help="checkpoint step (default: the latest)")
     p.add_argument("--quantize", choices=("int8", "int4", "nf4"), help="weight-only quantize the params first")
-    p.add_argument("--block-size", type=int, default=128, help="quantization block (group) size")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for humaneval")
+    p.add_argument("--block-size", type=like(LoraConfig, "block_size"), default=128,
+                   help="quantization block (group) size")
+    p.add_argument("--batch-size", type=COUNT, default=8)
+    p.add_argument("--max-new-tokens", type=like(SamplingConfig, "max_new_tokens"), default=256,
+                   help="generation budget for humaneval")
     p.add_argument("--output", help="also write the results to this JSON file")
     p.set_defaults(func=_eval)
 
@@ -388,9 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `jaxlm train`")
     p.add_argument("--format", action="append", choices=("int8", "int4", "nf4"),
                    help="format(s) to measure, repeatable (default: int8 and int4)")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--limit", type=int, default=20, help="held-out documents for perplexity (default 20)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--block-size", type=like(LoraConfig, "block_size"), default=128)
+    p.add_argument("--limit", type=COUNT, default=20, help="held-out documents for perplexity (default 20)")
+    p.add_argument("--step", type=STEP, help="checkpoint step (default: the latest)")
     p.set_defaults(func=_quantize, format=None)
 
     p = sub.add_parser("convert", help="import or export Hugging Face checkpoints",
@@ -415,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir", help="a run directory (from `jaxlm train` or `jaxlm convert from-hf`)")
     q.add_argument("out", help="the directory to create (must not exist or be empty)")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="tensor dtype (default float32)")
-    q.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
-    q.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GiB (default 5)")
+    q.add_argument("--step", type=STEP, help="checkpoint step to export (default: the latest)")
+    q.add_argument("--max-shard-gb", type=bounded(float, gt=0), default=5.0,
+                   help="largest safetensors file, in GiB (default 5)")
     q.set_defaults(func=_convert_to_hf)
 
     p = sub.add_parser(
@@ -461,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module that registers the task, imported first (repeatable; must be importable)")
     p.add_argument("--split", default="train", help="the split to export (default: train)")
     p.add_argument("--feature", default="targets", help="the tokenized feature to train on (default: targets)")
-    p.add_argument("--seed", type=int, default=0, help="seed for seqio's stochastic preprocessors (default 0)")
-    p.add_argument("--docs-per-shard", type=int, default=10_000)
+    p.add_argument("--seed", type=like(TrainConfig, "seed"), default=0,
+                   help="seed for seqio's stochastic preprocessors (default 0)")
+    p.add_argument("--docs-per-shard", type=like(PrepareConfig, "docs_per_shard"), default=10_000)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_data_from_seqio)
 
@@ -473,10 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "digits split) on .txt/.jsonl/.parquet files, one sentence per line.")
     p.add_argument("inputs", nargs="+", help="input files or globs")
     p.add_argument("--out", required=True, help="the .model file to write")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=like(PrepareConfig, "vocab_size"), default=8192)
     p.add_argument("--type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--text-field", default="text", help="JSONL key or Parquet column holding the text")
-    p.add_argument("--max-sentences", type=int, default=2_000_000, help="train on a random sample of this many lines")
+    p.add_argument("--max-sentences", type=COUNT, default=2_000_000,
+                   help="train on a random sample of this many lines")
     p.set_defaults(func=_tokenizer_train)
 
     p = sub.add_parser("peft", help="export or import PEFT LoRA adapters",
@@ -508,8 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="+", help="preset, config files and overrides, as for `jaxlm train`")
     p.add_argument("--target", required=True, help="e.g. v5p-256, v5e:8x8, v6e-256, h100x8")
-    p.add_argument("--slices", type=int, default=1, help="TPU slices joined over DCN (multislice; default 1)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
+    p.add_argument("--slices", type=COUNT, default=1, help="TPU slices joined over DCN (multislice; default 1)")
+    p.add_argument("--mfu", type=bounded(float, gt=0, le=1), default=0.4,
+                   help="model FLOPs utilisation for the step time, in (0, 1] (default 0.4)")
     p.add_argument("--method", choices=("auto", "analytic", "compile"), default="auto",
                    help="auto: compile when the target's compiler is installed, else analytic")
     p.set_defaults(func=_plan)

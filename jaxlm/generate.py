@@ -8,29 +8,18 @@ each prompt's first real token. The cache stores KV heads only (GQA), as (L, B, 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.config import ConfigError, ModelConfig, SamplingConfig
 from jaxlm.layers import compute_dtype
 from jaxlm.sharding import logical_sharding
 
 
 PROMPT_BUCKET = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or output (CTRL style)
-    max_new_tokens: int = 64
-    seed: int = 0
 
 
 # The cache's logical axes: batch and KV heads split like the activations they come from; the length
@@ -83,6 +72,9 @@ class Generator:
     def __init__(self, model, params, sampling: SamplingConfig, mesh=None):
         """With `mesh` (the one the params are sharded over), the cache is sharded over it too and the
         model's activation constraints apply."""
+        if sampling.top_k > model.config.vocab_size:  # lax.top_k cannot pick more entries than there are
+            raise ConfigError(f"sampling.top_k={sampling.top_k} is out of range: must be <= the model's "
+                              f"vocab_size {model.config.vocab_size}")
         self.model, self.params, self.sampling, self.mesh = model, params, sampling, mesh
         self._prefill = jax.jit(self._prefill_fn)
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))

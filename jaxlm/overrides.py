@@ -1,7 +1,8 @@
 """Builds a Config from a preset, stacked config files and gin-like `section.field=value` overrides.
 
-Values are parsed with `ast.literal_eval` (never `eval`) and checked against the dataclass field types.
-An unknown key is an error that names the nearest valid key; a key given twice is an error.
+Values are parsed with `ast.literal_eval` (never `eval`) and checked against the dataclass field types,
+then (`config.validate`, whatever the source: preset, file or override) against each numeric field's declared
+range. An unknown key is an error that names the nearest valid key; a key given twice is an error.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def coerce(key: str, tp, value: Any) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int literal with hundreds of digits
+                raise ConfigError(f"{key}={value!r} is out of range: too large for a float") from None
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -68,11 +68,13 @@ def parse_target(name: str, slices: int = 1) -> Target:
     """`v5p-256` / `v5e:8x8` / `h100x8`; `slices` > 1 is multislice over DCN (TPU only)."""
     text = name.strip().lower().replace("v5litepod", "v5e")
     if slices < 1:
-        raise ConfigError(f"--slices={slices} must be at least 1")
+        raise ConfigError(f"--slices={slices} is out of range: must be >= 1")
     gpu = re.fullmatch(r"([a-z]\d+)x(\d+)", text)
     if gpu and gpu.group(1) in GPUS:
         hbm, peak = GPUS[gpu.group(1)]
         n = int(gpu.group(2))
+        if n < 1:
+            raise ConfigError(f"target {name!r}: {n} GPUs is out of range: must be >= 1, e.g. {gpu.group(1)}x8")
         if slices > 1:
             raise ConfigError("--slices is for TPU multislice; for GPUs give the total, e.g. h100x64")
         return Target(name, "gpu", gpu.group(1), n, 1, hbm, peak)
@@ -87,9 +89,15 @@ def parse_target(name: str, slices: int = 1) -> Target:
         if len(shape.split("x")) != dims:
             raise ConfigError(f"target {name!r}: {gen} topologies have {dims} dimensions, e.g. "
                               f"{gen}:{(SHAPES_3D if dims == 3 else SHAPES_2D)[16]}")
+        if min(int(s) for s in shape.split("x")) < 1:
+            raise ConfigError(f"target {name!r}: topology dimension 0 is out of range: must be >= 1, e.g. "
+                              f"{gen}:{(SHAPES_3D if dims == 3 else SHAPES_2D)[16]}")
         chips = math.prod(int(s) for s in shape.split("x"))
     else:
         n = int(named.group(2))
+        if n < 1:
+            raise ConfigError(f"target {name!r}: {n} {'TensorCores' if counts_cores else 'chips'} is out of range: "
+                              f"must be >= 1, e.g. {gen}-{16 if counts_cores else 8}")
         chips = n // 2 if counts_cores else n
         shapes = SHAPES_3D if dims == 3 else SHAPES_2D
         if chips not in shapes or (counts_cores and n % 2):

@@ -71,6 +71,9 @@ class QuantizedArray:
 
 def block_size_for(n: int, fmt: str, block_size: int) -> int:
     """The block actually used for a last axis of n: the largest divisor of n that is <= block_size."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        # gcd(n, 0) is n: a 0 would silently mean one block per row instead of an error.
+        raise ConfigError(f"block_size={block_size!r} is out of range: must be >= 1")
     b = math.gcd(n, block_size)
     if fmt != "int8" and b % 2:
         raise ConfigError(f"{fmt} packs two codes per byte, so the last axis ({n}) must be even")

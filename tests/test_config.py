@@ -27,7 +27,7 @@ def test_preset_and_overrides_are_typed():
     ("model.qk_norm=1", "expected bool"),
     ("optim.decay=exponential", "expected one of 'cosine', 'linear', 'constant'"),
     ("model.num_heads=5", "must be a multiple of model.num_kv_heads"),
-    ("train.steps=0", "train.steps=0 must be positive"),
+    ("train.steps=0", "train.steps=0 is out of range: must be >= 1"),
     ("model.num_layers", "must look like section.field=value"),
 ])
 def test_bad_overrides_are_rejected(arg, fragment):

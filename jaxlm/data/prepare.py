@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm.config import ConfigError, PrepareConfig
+from jaxlm.config import ConfigError, PrepareConfig, check_fields
 from jaxlm.data import decontaminate, dedup, filters, normalize, pii, readers, shards
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -359,4 +359,6 @@ def parse_config(words: list[str]) -> PrepareConfig:
         if key in values:
             raise ConfigError(f"prepare setting '{key}' is given twice")
         values[key] = overrides.coerce(key, hints[key], overrides.parse_literal(key, text.strip(), hints[key]))
-    return PrepareConfig(**values)
+    config = PrepareConfig(**values)
+    check_fields(config, "")  # the settings are typed without a section: name them as typed
+    return config
