@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jaxlm import attention, chat, distributed, dpo, lora as lora_lib, mesh as mesh_lib, optim, sft, sharded_init
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
+from jaxlm.core import atomic, rundir
 from jaxlm.model import Transformer
 from jaxlm.overrides import to_dict
 from jaxlm.sharding import batch_divisor, global_batch
@@ -61,7 +62,7 @@ def load_base(config: Config, run_dir: str, mesh, primary: bool = True) -> Base:
         params = importer.load_params(hf_dir, model, mesh, progress=config.train.progress)
         # Tokenizer, chat template and the Hugging Face config.json travel with the run, for generate and export.
         tok_name = importer.copy_run_files(hf_dir, run_dir) if primary else None
-        return Base(dataclasses.replace(config, model=model), params, hf_tokenizer.load_for_run(hf_dir),
+        return Base(dataclasses.replace(config, model=model), params, tokenizer_lib.load_for_run(hf_dir),
                     os.path.join(run_dir, tok_name or ""), hf_dir)
     if ref:
         run = load_run(ref)
@@ -217,14 +218,14 @@ def finetune(config: Config) -> dict:
     if t.seq_len > config.model.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds the base model's max_seq_len={config.model.max_seq_len}")
     tok = base.tokenizer
-    is_sp = type(tok).__name__ == "SentencePieceProcessor"
+    is_sp = not tok.special_tokens_in_text
     # Chat template: the given file, the base model's, or ChatML. Sentencepiece models get their BOS first.
     template = chat.load(config.finetune.chat_template, base.model_dir,
                          prefix_ids=(tok.bos_id(),) if is_sp and tok.bos_id() >= 0 else ())
     if primary:
         write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(config))
         _copy_tokenizer(base.tokenizer_path, run_dir)
-        _write_atomic(os.path.join(run_dir, "chat_template.jinja"), template.source)
+        atomic.write_text(os.path.join(run_dir, rundir.CHAT_TEMPLATE), template.source)
 
     # 3. Data: every row encoded once, bad rows counted by reason.
     train_rows, eval_rows, report = build_data(config, template, tok, t.seq_len)
@@ -305,22 +306,12 @@ def finetune(config: Config) -> dict:
     return summary
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _copy_tokenizer(path: str, run_dir: str) -> None:
     """Copies the tokenizer into the run directory (atomically), unless it is there already."""
-    import shutil
+    from jaxlm.data import tokenizer as tokenizer_lib
 
-    name = "tokenizer.json" if path.endswith(".json") else "tokenizer.model"
-    if path and os.path.abspath(path) != os.path.join(run_dir, name):
-        tmp = os.path.join(run_dir, f"{name}.tmp.{os.getpid()}")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, os.path.join(run_dir, name))
+    if path:
+        tokenizer_lib.copy_into(path, run_dir)
 
 
 def _reference(config: Config, state, apply_fn):

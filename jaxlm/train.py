@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -19,9 +18,8 @@ import numpy as np
 from jaxlm import attention, distributed, flops, mesh as mesh_lib, optim, sharded_init
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError
-from jaxlm.data import pipeline
-from jaxlm.hf import importer as hf_importer, tokenizer as hf_tokenizer
-from jaxlm.inference import TOKENIZER_FILE
+from jaxlm.data import pipeline, tokenizer as tokenizer_lib
+from jaxlm.hf import importer as hf_importer
 from jaxlm.metrics import MetricsWriter
 from jaxlm.model import Transformer, count_params
 from jaxlm.overrides import to_dict
@@ -77,10 +75,7 @@ def train(config: Config) -> dict:
     if primary:
         if config.model.init_from:  # chat template, token ids and config, for finetuning and export
             hf_importer.copy_run_files(hf_importer.hf_dir_of(config.model.init_from), run_dir)
-        name = hf_tokenizer.TOKENIZER_JSON if data.tokenizer_path.endswith(".json") else TOKENIZER_FILE
-        tmp = os.path.join(run_dir, f"{name}.tmp.{os.getpid()}")
-        shutil.copyfile(data.tokenizer_path, tmp)
-        os.replace(tmp, os.path.join(run_dir, name))
+        tokenizer_lib.copy_into(data.tokenizer_path, run_dir)
 
     # 4. Model and optimizer. The model speaks logical axis names; the rule table maps them to the mesh.
     impl = attention.resolve(config.model.attention)
@@ -168,7 +163,7 @@ def _task_evaluator(config: Config, model, tokenizer_path: str) -> Callable[[dic
 
     for task in config.train.eval_tasks:
         runner.check_task(task)
-    tokenizer = hf_tokenizer.load(tokenizer_path)
+    tokenizer = tokenizer_lib.load(tokenizer_path)
     texts = runner.heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
     limit = config.train.eval_limit or None
     scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape
