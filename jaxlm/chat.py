@@ -17,6 +17,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from jaxlm.config import ConfigError
+from jaxlm.core import rundir
 
 # The default when a model brings no template: ChatML (Qwen's format), which tokenizes with any vocabulary.
 CHATML = (
@@ -76,11 +77,11 @@ def load(path: str = "", model_dir: str = "", **special) -> Template:
         except OSError as e:
             raise ConfigError(f"cannot read finetune.chat_template {path}: {e.strerror}") from None
     if model_dir:
-        jinja_file = os.path.join(model_dir, "chat_template.jinja")
+        jinja_file = os.path.join(model_dir, rundir.CHAT_TEMPLATE)
         if os.path.isfile(jinja_file):
             with open(jinja_file, encoding="utf-8") as f:
                 return Template(f.read(), **special)
-        config_file = os.path.join(model_dir, "tokenizer_config.json")
+        config_file = os.path.join(model_dir, rundir.TOKENIZER_CONFIG)
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as f:
                 tc = json.load(f)

@@ -27,7 +27,7 @@ from jaxlm import chat, dpo, lora as lora_lib, sft
 from jaxlm.checkpoint import latest_step, save_params
 from jaxlm.config import Config, ConfigError
 from jaxlm.core import atomic, rundir
-from jaxlm.data import packing, pipeline
+from jaxlm.data import packing, pipeline, tokenizer as tokenizer_lib
 from jaxlm.metrics import MetricsWriter
 from jaxlm.overrides import to_dict
 from jaxlm.sharding import global_batch
@@ -84,11 +84,8 @@ def read_rows(config: Config) -> list[tuple[str, object]]:
 def load_tokenizer(config: Config):
     """(tokenizer, its file): the base's, `data.tokenizer`, or one trained on the finetuning text itself
     (random weights and no tokenizer given: tests and smoke runs)."""
-    from jaxlm.data import tokenizer as tokenizer_lib
-    from jaxlm.hf import tokenizer as hf_tokenizer
-
     if config.data.tokenizer:
-        return hf_tokenizer.load(config.data.tokenizer), config.data.tokenizer
+        return tokenizer_lib.load(config.data.tokenizer), config.data.tokenizer
     texts = [str(m.get("content", "")) for _, row in read_rows(config) if isinstance(row, dict)
              for m in (row.get("messages") or []) if isinstance(m, dict)]
     texts += [str(row.get(k, "")) for _, row in read_rows(config) if isinstance(row, dict)
@@ -161,10 +158,11 @@ def finetune(config: Config) -> FinetuneSummary:
     t, primary = config.train, jax.process_index() == 0
 
     tok, tok_path = load_tokenizer(config)
-    # Chat template: the given file, the base model's, or ChatML. Sentencepiece models get their BOS first.
-    is_sp = type(tok).__name__ == "SentencePieceProcessor"
+    # Chat template: the given file, the base model's, or ChatML. A tokenizer that does not read special
+    # tokens in text (sentencepiece) gets its BOS as an id first.
+    bos_first = not tok.special_tokens_in_text and tok.bos_id() >= 0
     template = chat.load(config.finetune.chat_template, base.template_dir(config),
-                         prefix_ids=(tok.bos_id(),) if is_sp and tok.bos_id() >= 0 else ())
+                         prefix_ids=(tok.bos_id(),) if bos_first else ())
     train_rows, eval_rows, report = build_data(config, template, tok, t.seq_len)
 
     spec = assembly.build(config)
@@ -185,7 +183,7 @@ def finetune(config: Config) -> FinetuneSummary:
         if not done:
             if primary:
                 rd.begin_segment(to_dict(config), run.start)
-                atomic.copy_file(tok_path, rd.path(rundir.tokenizer_name(tok_path)))
+                tokenizer_lib.copy_into(tok_path, rd.directory)
                 atomic.write_text(rd.path(rundir.CHAT_TEMPLATE), template.source)
                 base.copy_files(config, rd.directory)
             result, state = _train(run, rd, train_rows, evaluate, eval_before)

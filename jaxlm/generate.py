@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ConfigError, ModelConfig, SamplingConfig
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.layers import compute_dtype
 from jaxlm.sharding import logical_sharding
 
@@ -142,7 +143,7 @@ class Generator:
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
 
-def complete(generator: Generator, tokenizer, texts: list[str], stops: tuple[str, ...] = (),
+def complete(generator: Generator, tokenizer: Tokenizer, texts: list[str], stops: tuple[str, ...] = (),
              batch_size: int = 8, truncate: bool = False) -> list[str]:
     """Completions of `texts` (each encoded after BOS), cut at EOS or at the first stop string.
 
@@ -157,7 +158,7 @@ def complete(generator: Generator, tokenizer, texts: list[str], stops: tuple[str
     return complete_tokens(generator, tokenizer, prompts, stops, batch_size)
 
 
-def complete_tokens(generator: Generator, tokenizer, prompts: list[list[int]], stops: tuple[str, ...] = (),
+def complete_tokens(generator: Generator, tokenizer: Tokenizer, prompts: list[list[int]], stops: tuple[str, ...] = (),
                     batch_size: int = 8) -> list[str]:
     """Completions of already-encoded prompts, cut at EOS or at the first stop string."""
     completions = []
@@ -181,7 +182,7 @@ def complete_tokens(generator: Generator, tokenizer, prompts: list[list[int]], s
     return completions
 
 
-def check_stops(tokenizer, stops) -> None:
+def check_stops(tokenizer: Tokenizer, stops) -> None:
     """A stop string the tokenizer cannot produce would never end generation: say so instead."""
     for stop in stops:
         back = tokenizer.decode(tokenizer.encode(stop)) if stop else ""

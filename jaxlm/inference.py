@@ -11,11 +11,9 @@ from jaxlm import mesh as mesh_lib, overrides, quantize as quantize_lib
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.config import Config, ConfigError, LoraConfig
 from jaxlm.core import rundir
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.training import assembly
-from jaxlm.hf import tokenizer as hf_tokenizer
 from jaxlm.model import Transformer
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 @dataclasses.dataclass
@@ -23,7 +21,7 @@ class LoadedRun:
     config: Config
     model: Transformer
     params: dict
-    tokenizer: object  # sentencepiece.SentencePieceProcessor
+    tokenizer: tokenizer_lib.Tokenizer
     step: int
     directory: str = ""  # the run directory (holds tokenizer and chat template files)
     mesh: object = None  # the jax.sharding.Mesh the params are sharded over
@@ -38,9 +36,9 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
     if not os.path.isfile(config_path):
         raise ConfigError(f"{run_dir} is not a jaxlm run directory (no config.json); pass the directory `jaxlm train` printed")
     config = overrides.load([config_path])
-    tokenizer = hf_tokenizer.load_for_run(run_dir)  # tokenizer.json (imported models) or tokenizer.model
+    tokenizer = tokenizer_lib.load_for_run(run_dir)  # tokenizer.json (imported models) or tokenizer.model
     if tokenizer.vocab_size() > config.model.vocab_size:
-        raise ConfigError(f"{run_dir}/{TOKENIZER_FILE} has {tokenizer.vocab_size()} pieces but the model has "
+        raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size()} pieces but the model has "
                           f"{config.model.vocab_size}: the tokenizer does not belong to this checkpoint")
     ckpt = Checkpointer(rundir.checkpoint_dir(run_dir, config.checkpoint.dir), config.checkpoint)
     step = ckpt.latest_step() if step is None else step

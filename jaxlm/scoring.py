@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ConfigError
+from jaxlm.data.tokenizer import Tokenizer
 
 LENGTH_BUCKET = 64  # sequence lengths round up to a multiple of this
 
@@ -26,7 +27,7 @@ class Score:
     num_tokens: int
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(BOS + context tokens, continuation tokens), split so that the continuation is tokenized as it would
     be after this context: the pair is encoded whole and cut where it stops agreeing with the context alone.
     Trailing spaces of the context move to the continuation (words start with their space)."""

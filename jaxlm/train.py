@@ -16,8 +16,8 @@ import jax
 from jaxlm import distributed, mesh as mesh_lib
 from jaxlm.checkpoint import has_checkpoint
 from jaxlm.config import Config
-from jaxlm.core import atomic, rundir
-from jaxlm.data import pipeline
+from jaxlm.core import rundir
+from jaxlm.data import pipeline, tokenizer as tokenizer_lib
 from jaxlm.model import count_params
 from jaxlm.overrides import to_dict
 from jaxlm.sharded_init import abstract_params
@@ -102,7 +102,7 @@ def _write_run_files(rd: rundir.RunDir, config: Config, start: int, tokenizer_pa
     """The config of this segment, the tokenizer (so that the run alone is enough to generate from or
     evaluate), and the base's files."""
     rd.begin_segment(to_dict(config), start)
-    atomic.copy_file(tokenizer_path, rd.path(rundir.tokenizer_name(tokenizer_path)))
+    tokenizer_lib.copy_into(tokenizer_path, rd.directory)
     base.copy_files(config, rd.directory)
 
 
@@ -119,12 +119,12 @@ def _evaluator(config: Config, spec, data, mesh) -> Evaluator | None:
 def _task_evaluator(config: Config, model, tokenizer_path: str):
     """params -> results of `train.eval_tasks`, run with the training mesh's params as they are."""
     from jaxlm.evaluation import runner
-    from jaxlm.hf import tokenizer as hf_tokenizer
+    from jaxlm.data import tokenizer as tokenizer_lib
     from jaxlm.scoring import Scorer
 
     for task in config.train.eval_tasks:
         runner.check_task(task)
-    tokenizer = hf_tokenizer.load(tokenizer_path)
+    tokenizer = tokenizer_lib.load(tokenizer_path)
     texts = runner.heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
     limit = config.train.eval_limit or None
     scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm import lora as lora_lib, optim, sft, sharded_init
+from jaxlm import lora as lora_lib, optim, sharded_init
 from jaxlm.config import ConfigError, LoraConfig, MeshConfig
 from jaxlm.mesh import make_mesh
 from jaxlm.model import Transformer

@@ -2,6 +2,7 @@
 
 <run>/config.json              the resolved config of the latest segment (configs/ keeps every segment's)
 <run>/tokenizer.model|.json    the tokenizer, so that the run alone is enough to generate or evaluate
+<run>/tokenizer_config.json    runs of Hugging Face models: their special tokens (and chat template), beside tokenizer.json
 <run>/chat_template.jinja      finetuned runs: the template the data was rendered with
 <run>/hf_config.json           runs started from a Hugging Face checkpoint: its config.json, for export
 <run>/checkpoints/<step>/      Orbax checkpoints (the model that generate, eval and export read)
@@ -20,7 +21,8 @@ CONFIG = "config.json"
 SEGMENTS = "configs"  # one resolved config per segment of the run: configs/<first step>.json
 SENTENCEPIECE = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_FILES = (TOKENIZER_JSON, SENTENCEPIECE)
+TOKENIZER_FILES = (TOKENIZER_JSON, SENTENCEPIECE)  # in order of preference, when a directory has both
+TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE = "chat_template.jinja"
 HF_CONFIG = "hf_config.json"  # a Hugging Face checkpoint's config.json, kept in runs started from one
 CHECKPOINTS = "checkpoints"

@@ -18,7 +18,6 @@ takes rows p, p+P, p+2P, ... of the shuffled stream, so step s always consumes g
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import tempfile
@@ -39,12 +38,12 @@ class TokenStream:
     doc_ids: np.ndarray  # (N,) int32, index of the document each token belongs to
 
 
-def tokenize(docs: list[str], sp, cache_path: str | None = None) -> TokenStream:
+def tokenize(docs: list[str], tok: tokenizer_lib.Tokenizer, cache_path: str | None = None) -> TokenStream:
     if cache_path and os.path.isfile(cache_path):
         with np.load(cache_path) as f:
             return TokenStream(f["tokens"], f["doc_ids"])
-    pieces = sp.encode(docs)
-    wrapped = [np.asarray([sp.bos_id(), *ids, sp.eos_id()], np.int32) for ids in pieces]
+    pieces = tok.encode_batch(docs)
+    wrapped = [np.asarray([tok.bos_id(), *ids, tok.eos_id()], np.int32) for ids in pieces]
     stream = TokenStream(
         np.concatenate(wrapped) if wrapped else np.zeros(0, np.int32),
         np.repeat(np.arange(len(wrapped), dtype=np.int32), [len(w) for w in wrapped]),
@@ -114,25 +113,23 @@ def prepare(config: Config) -> Data:
         return _from_prepared(config)
     docs = corpus.documents(d.source)
     train_docs, eval_docs = corpus.split(docs, d.eval_fraction)
-    sp, sp_path = tokenizer_lib.get(train_docs, config.model.vocab_size, d.tokenizer_type, d.tokenizer, d.cache_dir)
-    if sp.vocab_size() > config.model.vocab_size:
+    tok, tok_path = tokenizer_lib.get(train_docs, config.model.vocab_size, d.tokenizer_type, d.tokenizer, d.cache_dir)
+    if tok.vocab_size() > config.model.vocab_size:
         raise ConfigError(
-            f"tokenizer {sp_path} has {sp.vocab_size()} pieces but model.vocab_size={config.model.vocab_size}; "
-            f"set model.vocab_size={sp.vocab_size()}"
+            f"tokenizer {tok_path} has {tok.vocab_size()} pieces but model.vocab_size={config.model.vocab_size}; "
+            f"set model.vocab_size={tok.vocab_size()}"
         )
-    with open(sp_path, "rb") as f:
-        sp_hash = hashlib.sha256(f.read()).hexdigest()[:16]
     cache = os.path.join(os.path.expanduser(d.cache_dir), "tokens")
-    key = f"{tokenizer_lib.corpus_hash(docs)}-{sp_hash}-{d.eval_fraction}"
-    train_stream = tokenize(train_docs, sp, os.path.join(cache, f"{key}-train.npz"))
-    eval_stream = tokenize(eval_docs, sp, os.path.join(cache, f"{key}-eval.npz")) if eval_docs else None
+    key = f"{tokenizer_lib.corpus_hash(docs)}-{tokenizer_lib.file_hash(tok_path)}-{d.eval_fraction}"
+    train_stream = tokenize(train_docs, tok, os.path.join(cache, f"{key}-train.npz"))
+    eval_stream = tokenize(eval_docs, tok, os.path.join(cache, f"{key}-eval.npz")) if eval_docs else None
     rows = PackedRows(train_stream, config.train.seq_len)
     if len(rows) == 0:
         raise ConfigError(f"data.source={d.source!r} has fewer than train.seq_len={config.train.seq_len} tokens")
     eval_rows = PackedRows(eval_stream, config.train.seq_len) if eval_stream is not None else None
     log.info("data: %d train rows of %d tokens (%d tokens), %d eval rows", len(rows), config.train.seq_len,
              len(train_stream.tokens), len(eval_rows) if eval_rows else 0)
-    return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, sp_path, sp.vocab_size())
+    return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, tok_path, tok.vocab_size())
 
 
 def _from_prepared(config: Config) -> Data:

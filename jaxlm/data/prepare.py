@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm.config import ConfigError, PrepareConfig, check_fields
+from jaxlm.core import rundir
 from jaxlm.data import decontaminate, dedup, filters, normalize, pii, readers, shards
 from jaxlm.data import tokenizer as tokenizer_lib
 
@@ -232,11 +233,8 @@ def _tokenizer(out: str, c: PrepareConfig, chunks: int) -> tuple[str, float]:
     """Copies the given tokenizer into `out`, or trains one on the clean text. Returns (path, seconds)."""
     if c.tokenizer:
         tokenizer_lib.load(c.tokenizer)  # fails with a clear message on a bad file
-        path = os.path.join(out, "tokenizer.json" if c.tokenizer.endswith(".json") else "tokenizer.model")
-        shutil.copyfile(c.tokenizer, f"{path}.tmp.{os.getpid()}")
-        os.replace(f"{path}.tmp.{os.getpid()}", path)
-        return path, 0.0
-    path = os.path.join(out, "tokenizer.model")
+        return tokenizer_lib.copy_into(c.tokenizer, out), 0.0
+    path = os.path.join(out, rundir.SENTENCEPIECE)
     if os.path.isfile(path):  # trained by an earlier, interrupted run of this same preparation
         return path, 0.0
     docs = (line for i in range(chunks) for d in _chunk_docs(out, i) for line in d.split("\n") if line.strip())
@@ -265,7 +263,7 @@ def _tokenize_chunk(args: tuple[str, int]) -> tuple[int, int, int, float, int]:
     docs = _chunk_docs(out, index)
     tok = _TOKENIZER
     bos = [tok.bos_id()] if tok.bos_id() >= 0 else []
-    encoded = [np.asarray(bos + ids + [tok.eos_id()], np.int32) for ids in tok.encode(docs)]
+    encoded = [np.asarray(bos + ids + [tok.eos_id()], np.int32) for ids in tok.encode_batch(docs)]
     shards.write(os.path.join(out, shards.shard_name(index)), encoded)
     return index, len(docs), int(sum(len(e) for e in encoded)), time.perf_counter() - t, \
         sum(len(d.encode("utf-8")) for d in docs)
@@ -275,7 +273,7 @@ def _remove_stale(out: str) -> None:
     """Deletes the files of an earlier preparation with other inputs or config (only jaxlm's own files)."""
     shutil.rmtree(os.path.join(out, "clean"), ignore_errors=True)
     for name in os.listdir(out):
-        if name == MANIFEST or name.startswith(("shard-", "tokenizer.")):
+        if name == MANIFEST or name.startswith(("shard-", *rundir.TOKENIZER_FILES)):
             os.remove(os.path.join(out, name))
 
 

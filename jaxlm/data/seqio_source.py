@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm.config import Config, ConfigError
+from jaxlm.core import atomic, rundir
 from jaxlm.data import prepare, shards, tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,6 @@ def task_key(task, split: str, feature: str, seed: int, sp_model: bytes) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -179,8 +173,9 @@ def export_task(task, out: str, split: str, feature: str, seed: int = 0, docs_pe
     shards.remove_partial(out)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, MIXTURE))
-    tok_path = os.path.join(out, "tokenizer.model")
-    _write_bytes(tok_path, sp_model)
+    tok_path = os.path.join(out, rundir.SENTENCEPIECE)
+    with atomic.replacing(tok_path) as tmp, open(tmp, "wb") as f:
+        f.write(sp_model)
     pieces = vocab.tokenizer.GetPieceSize()
 
     ds = task.get_dataset(sequence_length=None, split=split, use_cached=task.requires_caching, shuffle=False,
@@ -222,7 +217,7 @@ def export_task(task, out: str, split: str, feature: str, seed: int = 0, docs_pe
                   "source": type(task.source).__name__, "files": [f[0] for f in _source_files(task, split)],
                   "skipped_empty": empty},
         "documents": documents, "tokens": sum(s["tokens"] for s in shard_list),
-        "tokenizer": {"file": "tokenizer.model", "hash": tokenizer_lib.file_hash(tok_path), "vocab_size": pieces,
+        "tokenizer": {"file": rundir.SENTENCEPIECE, "hash": tokenizer_lib.file_hash(tok_path), "vocab_size": pieces,
                       "bos_id": tok.bos_id(), "eos_id": tok.eos_id(), "train_seconds": 0.0},
         "shards": shard_list,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from jaxlm.config import ConfigError
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.scoring import Scorer, encode_pair
 
 
@@ -38,7 +39,7 @@ def load_task(path: str) -> list[dict]:
     return questions
 
 
-def evaluate(scorer: Scorer, tokenizer, questions: list[dict]) -> dict[str, float]:
+def evaluate(scorer: Scorer, tokenizer: Tokenizer, questions: list[dict]) -> dict[str, float]:
     requests = [encode_pair(tokenizer, q["context"], choice) for q in questions for choice in q["choices"]]
     scores = scorer.loglikelihood(requests)
     correct = correct_norm = 0

@@ -10,10 +10,11 @@ import math
 
 from tqdm import tqdm
 
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.scoring import Scorer
 
 
-def perplexity(scorer: Scorer, tokenizer, texts: list[str], progress: bool = True) -> dict[str, float]:
+def perplexity(scorer: Scorer, tokenizer: Tokenizer, texts: list[str], progress: bool = True) -> dict[str, float]:
     nll, tokens, nbytes = 0.0, 0, 0
     for text in tqdm(texts, desc="perplexity", unit="doc", disable=not progress):
         ids = tokenizer.encode(text)

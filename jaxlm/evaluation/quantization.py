@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import quantize as quantize_lib
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.evaluation.perplexity import perplexity
 from jaxlm.scoring import Scorer
 
@@ -24,7 +25,7 @@ def logits_difference(model, params, quantized, tokens: np.ndarray) -> dict[str,
     }
 
 
-def report(model, params, tokenizer, texts: list[str], formats=("int8", "int4"), block_size: int = 128,
+def report(model, params, tokenizer: Tokenizer, texts: list[str], formats=("int8", "int4"), block_size: int = 128,
            batch_size: int = 8, progress: bool = True) -> dict[str, dict]:
     """One row per format (and one for the float params): bytes, perplexity, bits-per-byte and logit error."""
     ids = [tokenizer.bos_id()]

@@ -12,6 +12,7 @@ import time
 
 from jaxlm.config import Config, ConfigError
 from jaxlm.data import corpus
+from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.evaluation import humaneval, multiple_choice, perplexity
 from jaxlm.generate import Generator, SamplingConfig, complete
 from jaxlm.scoring import Scorer
@@ -32,7 +33,7 @@ def check_task(name: str) -> None:
     raise ConfigError(f"unknown eval task {name!r}; use perplexity, mc:FILE.jsonl or humaneval")
 
 
-def run_tasks(model, params, tokenizer, config: Config, tasks: list[str], texts: list[str] | None = None,
+def run_tasks(model, params, tokenizer: Tokenizer, config: Config, tasks: list[str], texts: list[str] | None = None,
               limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
               progress: bool = True, mesh=None, scorer: Scorer | None = None) -> dict[str, dict]:
     """`scorer`: one kept across calls (the training hook) reuses its compiled programs; it gets `params`."""

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxlm.config import ConfigError, ModelConfig
+from jaxlm.core import rundir
 from jaxlm.hf import families, tensors, tokenizer as hf_tokenizer
 from jaxlm.hf.families import TensorMap
 from jaxlm.hf.importer import HF_CONFIG_FILE
@@ -70,10 +71,10 @@ def write_checkpoint(params: dict, c: ModelConfig, out: str, dtype: str = "float
     return tensors.write(out, specs, produce, max_shard_bytes, bar)
 
 
-def _sentencepiece_tokenizer_config(sp) -> dict:
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
-            "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id()), "add_bos_token": True,
+def _sentencepiece_tokenizer_config(tok) -> dict:
+    piece = lambda i: tok.id_to_piece(i) if i >= 0 else None
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id()), "eos_token": piece(tok.eos_id()),
+            "unk_token": piece(tok.unk_id()), "pad_token": piece(tok.pad_id()), "add_bos_token": True,
             "add_eos_token": False, "model_max_length": 1 << 30}
 
 
@@ -105,8 +106,8 @@ def export(run_dir: str, out: str, dtype: str = "float32", step: int | None = No
     write_checkpoint(run.params, c, tmp, dtype, max_shard_bytes)
     write_json_atomic(os.path.join(tmp, "config.json"), config)
     copied = hf_tokenizer.copy_files(run_dir, tmp)
-    if copied == hf_tokenizer.SENTENCEPIECE and not os.path.isfile(os.path.join(tmp, hf_tokenizer.TOKENIZER_CONFIG)):
-        write_json_atomic(os.path.join(tmp, hf_tokenizer.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok))
+    if copied == rundir.SENTENCEPIECE and not os.path.isfile(os.path.join(tmp, rundir.TOKENIZER_CONFIG)):
+        write_json_atomic(os.path.join(tmp, rundir.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok))
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)

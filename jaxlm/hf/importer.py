@@ -21,12 +21,12 @@ from jax.sharding import Mesh
 
 from jaxlm import mesh as mesh_lib, sharded_init
 from jaxlm.config import Config, ConfigError, ModelConfig, validate
+from jaxlm.core import atomic, rundir
 from jaxlm.hf import families, tokenizer as hf_tokenizer
 from jaxlm.hf.families import TensorMap
 from jaxlm.hf.tensors import SafetensorsDir, few
 from jaxlm.model import Transformer
 from jaxlm.sharding import tree_shardings
-from jaxlm.core import atomic, rundir
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ def resolve_init_from(config: Config) -> Config:
     model = families.model_config(read_config(hf_dir), config.model)
     data = config.data
     if not data.tokenizer:
-        names = [n for n in (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.SENTENCEPIECE) if os.path.isfile(os.path.join(hf_dir, n))]
+        names = [n for n in rundir.TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
         if not names:
-            raise ConfigError(f"{hf_dir} has no tokenizer.json or tokenizer.model; set data.tokenizer to the "
+            raise ConfigError(f"{hf_dir} has no {' or '.join(rundir.TOKENIZER_FILES)}; set data.tokenizer to the "
                               f"model's tokenizer")
         data = dataclasses.replace(data, tokenizer=os.path.join(hf_dir, names[0]))
     return validate(dataclasses.replace(config, model=model, data=data))
@@ -185,8 +185,8 @@ def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
     os.makedirs(tmp)
     tok_file = copy_run_files(hf_dir, tmp)
     if tok_file is None:
-        log.warning("%s has no tokenizer.json or tokenizer.model: copy the model's tokenizer into %s before "
-                    "generating from or exporting it", hf_dir, out)
+        log.warning("%s has no %s: copy the model's tokenizer into %s before generating from or exporting it",
+                    hf_dir, " or ".join(rundir.TOKENIZER_FILES), out)
     config = dataclasses.replace(
         base, name=base.name if base.name != "run" else os.path.basename(out), model=model,
         train=dataclasses.replace(base.train, run_dir=out, seq_len=min(base.train.seq_len, model.max_seq_len)),
