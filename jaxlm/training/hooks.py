@@ -60,8 +60,8 @@ class LogMetrics(Hook):
         loop.window = type(w)()
 
     def close(self, loop) -> None:
-        loop.sync()
-        self.log(loop, max(loop.read_step, self.bar.n))
+        if not loop.failed:
+            self.log(loop, max(loop.read_step, self.bar.n))
         self.bar.close()
         self.writer.close()
 

@@ -68,6 +68,7 @@ class Loop:
         self.read_step = 0
         self.stopped_by: str | None = None
         self.batches = None
+        self.failed = False  # an exception is unwinding the loop: hooks close without reading more
 
     def add_hook(self, hook) -> "Loop":
         self.hooks.append(hook)
@@ -104,10 +105,13 @@ class Loop:
                 if step < self.total:
                     batch = global_batch(next(batches), self.mesh)
             self.sync()
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
-            for hook in reversed(self.hooks):
+            for hook in self.hooks:  # in order: the last log line comes before waiting on a checkpoint
                 hook.close(self)
         return state, LoopResult(step, self.stopped_by, self.skipped, dict(self.last))
 
