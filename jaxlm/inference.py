@@ -42,21 +42,21 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
     if tokenizer.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"{run_dir}/{TOKENIZER_FILE} has {tokenizer.vocab_size()} pieces but the model has "
                           f"{config.model.vocab_size}: the tokenizer does not belong to this checkpoint")
-    ckpt = Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), config.checkpoint)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{ckpt.directory} holds no complete checkpoint; train first or pass another run")
-    if step not in ckpt.manager.all_steps():
-        raise ConfigError(f"{ckpt.directory} has no checkpoint for step {step}; it has {ckpt.manager.all_steps()}")
-    model = Transformer(config.model, attention.resolve(config.model.attention))
-    mesh = mesh_lib.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):
-        # Only the params' shapes and shardings are needed, so the abstract state has no optimizer state.
-        init = sharded_init.make_init_fn(model, optax.identity(), config.train.seed)
-        abstract = sharded_init.abstract_state(init, mesh)
-        params = ckpt.restore_params(step, abstract.params)
-        if quantize:  # codes and scales sharded like the weights they replace
-            boxed = jax.eval_shape(init).params
-            params = quantize_lib.quantize_sharded(params, quantize, block_size, boxed, mesh)
-    ckpt.close()
+    # A damaged checkpoint (see Checkpointer.restore_params) is a one-line error naming the intact steps.
+    with Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), config.checkpoint) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{ckpt.directory} holds no complete checkpoint; train first or pass another run")
+        if step not in ckpt.manager.all_steps():
+            raise ConfigError(f"{ckpt.directory} has no checkpoint for step {step}; it has {ckpt.manager.all_steps()}")
+        model = Transformer(config.model, attention.resolve(config.model.attention))
+        mesh = mesh_lib.make_mesh(config.mesh)
+        with jax.set_mesh(mesh):
+            # Only the params' shapes and shardings are needed, so the abstract state has no optimizer state.
+            init = sharded_init.make_init_fn(model, optax.identity(), config.train.seed)
+            abstract = sharded_init.abstract_state(init, mesh)
+            params = ckpt.restore_params(step, abstract.params)
+            if quantize:  # codes and scales sharded like the weights they replace
+                boxed = jax.eval_shape(init).params
+                params = quantize_lib.quantize_sharded(params, quantize, block_size, boxed, mesh)
     return LoadedRun(config, model, params, tokenizer, step, run_dir, mesh)

@@ -99,9 +99,9 @@ def train(config: Config) -> dict:
         # 6. Restore the latest complete checkpoint (state and data position together), or initialise
         # with each device building only its own shard.
         ckpt = Checkpointer(config.checkpoint.dir or os.path.join(run_dir, "checkpoints"), config.checkpoint)
-        latest = ckpt.latest_step() if config.checkpoint.resume else None
-        if latest is not None:
-            state, data_state = ckpt.restore(latest, abstract)
+        restored = ckpt.restore_latest(abstract) if config.checkpoint.resume else None
+        if restored is not None:  # (step, state, data position); damaged newer steps are skipped with a warning
+            _, state, data_state = restored
             log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         elif config.model.init_from:
             hf_dir = hf_importer.hf_dir_of(config.model.init_from)
