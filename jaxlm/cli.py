@@ -581,7 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"jaxlm: error: {e}", file=sys.stderr)
+        from jaxlm.checkpoint import DamagedCheckpoint
+
+        hint = ""
+        if isinstance(e, DamagedCheckpoint) and e.intact and hasattr(args, "step"):  # the command takes --step
+            hint = f"; pass --step {e.intact[-1]}"
+        print(f"jaxlm: error: {e}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one clear line for known failure kinds, tracebacks for bugs
         from jaxlm.training.loop import NonFiniteError

@@ -25,6 +25,19 @@ class ConfigError(ValueError):
     """A configuration that cannot be run; the message says what to change."""
 
 
+class Default(str):
+    """A string field's default, marked as not chosen by anyone.
+
+    It compares, hashes and serializes as the plain string, but presets, config files and command-line
+    overrides all produce plain `str`, so `is_default` tells "left alone" from "set to the same value". An
+    imported Hugging Face model uses that to pick its own compute dtype unless the user chose one.
+    """
+
+
+def is_default(value) -> bool:
+    return isinstance(value, Default)
+
+
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The valid values of a number: bounds (ge/gt below, le/lt above; None is unbounded) plus `special`
@@ -119,7 +132,8 @@ class ModelConfig:
     scan_layers: bool = True
     remat: RematPolicy = "none"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Imported Hugging Face models replace the unchosen default (see jaxlm.hf.families.compute_dtype).
+    dtype: Literal["float32", "bfloat16"] = Default("bfloat16")
     attention: AttentionImpl = "auto"
     # "llama": RMSNorm, RoPE, SwiGLU. "gpt2": learned positions, LayerNorm with bias, GELU MLP, biases on
     # every projection (Hugging Face GPT-2 checkpoints).

@@ -138,7 +138,7 @@ class Agreement:
         self.timeout_ms = int(timeout_s * 1000)
         self.previous: str | None = None
 
-    def __call__(self, step: int, flags: int) -> tuple[int, list[int]]:
+    def __call__(self, step: int | str, flags: int) -> tuple[int, list[int]]:
         """Returns (OR of all flags, the processes whose flags were non-zero)."""
         if jax.process_count() == 1:
             return flags, [0] if flags else []

@@ -175,6 +175,11 @@ def finetune(config: Config) -> FinetuneSummary:
         fill = _reference(config, [train_rows, eval_rows], t.batch_size, t.progress and primary) if dpo_refs else None
         run = assembly.assemble(spec, mesh, ckpt_dir, params, fill and (lambda state: fill(state, spec)))
         del params
+        if done and run.start < t.steps and config.task == "dpo":  # the latest step was damaged and set aside
+            run.ckpt.close()
+            raise ConfigError(f"the latest checkpoint in {ckpt_dir} was damaged and set aside; run the same command "
+                              f"again to resume from step {run.start}")
+        done = run.start >= t.steps
         base_mib = _nbytes(run.state.params if spec.lora is None else run.state.params["base"]) / 2**20
         log.info("base params %.1f MiB%s", base_mib,
                  f" ({config.lora.quantize})" if config.lora.quantize != "none" else "")

@@ -40,18 +40,18 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
     if tokenizer.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size()} pieces but the model has "
                           f"{config.model.vocab_size}: the tokenizer does not belong to this checkpoint")
-    ckpt = Checkpointer(rundir.checkpoint_dir(run_dir, config.checkpoint.dir), config.checkpoint)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{ckpt.directory} holds no complete checkpoint; train first or pass another run")
-    if step not in ckpt.manager.all_steps():
-        raise ConfigError(f"{ckpt.directory} has no checkpoint for step {step}; it has {ckpt.manager.all_steps()}")
-    # The saved model is a plain one: LoRA runs save their adapters merged in.
-    spec = assembly.build(dataclasses.replace(config, lora=LoraConfig()))
-    mesh = mesh_lib.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):
-        params = ckpt.restore_params(step, assembly.abstract_state(spec, mesh).params)
-        if quantize:  # codes and scales sharded like the weights they replace
-            params = quantize_lib.quantize_sharded(params, quantize, block_size, assembly.boxed_params(spec.model), mesh)
-    ckpt.close()
+    # A damaged checkpoint (see Checkpointer.restore_params) is a one-line error naming the intact steps.
+    with Checkpointer(rundir.checkpoint_dir(run_dir, config.checkpoint.dir), config.checkpoint) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{ckpt.directory} holds no complete checkpoint; train first or pass another run")
+        if step not in ckpt.manager.all_steps():
+            raise ConfigError(f"{ckpt.directory} has no checkpoint for step {step}; it has {ckpt.manager.all_steps()}")
+        # The saved model is a plain one: LoRA runs save their adapters merged in.
+        spec = assembly.build(dataclasses.replace(config, lora=LoraConfig()))
+        mesh = mesh_lib.make_mesh(config.mesh)
+        with jax.set_mesh(mesh):
+            params = ckpt.restore_params(step, assembly.abstract_state(spec, mesh).params)
+            if quantize:  # codes and scales sharded like the weights they replace
+                params = quantize_lib.quantize_sharded(params, quantize, block_size, assembly.boxed_params(spec.model), mesh)
     return LoadedRun(config, spec.model, params, tokenizer, step, run_dir, mesh)

@@ -159,3 +159,56 @@ def test_gpt2_checkpoint_without_prefix_and_with_mask_buffers(tmp_path):
     config, params = import_model(directory, one_device_mesh())
     logits = Transformer(config, "xla").apply({"params": params}, jnp.asarray(TOKENS))
     assert np.max(np.abs(np.asarray(logits) - expected)) <= 1e-4
+
+
+def test_imported_compute_dtype_is_float32_on_cpu_unless_chosen(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from hf_models import make_model, save_tokenizer
+    from jaxlm import overrides
+    from jaxlm.config import is_default
+
+    directory = str(tmp_path / "bf16")
+    make_model("llama").to(torch.bfloat16).save_pretrained(directory)
+    save_tokenizer(directory)
+    hf = importer.read_config(directory)
+    assert (hf.get("dtype") or hf.get("torch_dtype")) == "bfloat16"
+    assert is_default(ModelConfig().dtype)
+
+    # Left alone (a preset or the command line not naming it): float32 on CPU, and the choice is logged.
+    with caplog.at_level(logging.INFO, "jaxlm.hf.families"):
+        config = importer.resolve_init_from(overrides.load([f"model.init_from=hf:{directory}", "train.seq_len=32"]))
+    assert jax.default_backend() == "cpu" and config.model.dtype == "float32"
+    assert "compute dtype float32 (CPU; the checkpoint is bfloat16)" in caplog.text
+    assert importer.convert(directory, str(tmp_path / "run")).model.dtype == "float32"
+    # On an accelerator: the checkpoint's own dtype (float16 has no jaxlm compute path: bfloat16).
+    for stored, expected in (("bfloat16", "bfloat16"), ("float32", "float32"), ("float16", "bfloat16")):
+        assert families.compute_dtype({**hf, "dtype": stored}, ModelConfig(), platform="gpu") == expected
+    assert families.compute_dtype({"torch_dtype": "float32"}, ModelConfig(), platform="tpu") == "float32"
+
+    # Chosen on the command line, even as the value the default has: the choice wins.
+    chosen = overrides.load([f"model.init_from=hf:{directory}", "train.seq_len=32", "model.dtype=bfloat16"])
+    assert importer.resolve_init_from(chosen).model.dtype == "bfloat16"
+    # A run's saved config.json holds the resolved dtype as a choice: a rerun keeps it.
+    saved = overrides.load([str(tmp_path / "run" / "config.json")])
+    assert not is_default(saved.model.dtype) and saved.model.dtype == "float32"
+
+
+SAFE_PLATFORM = """
+from jax._src import xla_bridge
+from jaxlm.config import DistributedConfig
+from jaxlm.hf.families import safe_platform
+multi = DistributedConfig(coordinator_address="localhost:1", num_processes=2, process_id=0)
+print(safe_platform(multi), xla_bridge.backends_are_initialized(), safe_platform(), xla_bridge.backends_are_initialized())
+"""
+
+
+def test_platform_query_does_not_start_a_backend_before_a_multi_process_start():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SAFE_PLATFORM], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["cpu", "False", "cpu", "True"], proc.stderr

@@ -1,8 +1,9 @@
 """`jaxlm plan`: targets, the analytic memory model against real arrays and against XLA's TPU compiler,
 and the llama3_8b fit answers from the real ahead-of-time compile.
 
-The TPU tests need libtpu (`pip install "jaxlm[tpu-plan]"`) and are skipped without it; they compile
-large programs, so they are marked slow.
+The TPU tests need libtpu (`pip install "jaxlm[tpu-plan]"`) and are skipped without it. Each full-size
+compile takes minutes, so one stays in the slow pass and the rest are marked tpu_aot, which only
+`pytest -m tpu_aot` runs.
 """
 
 import dataclasses
@@ -122,7 +123,7 @@ def test_llama3_8b_with_adamw_does_not_fit_one_v5e_chip():
 
 
 @needs_libtpu
-@pytest.mark.slow
+@pytest.mark.tpu_aot
 def test_llama3_8b_with_adamw_fits_v5e_8x8():
     result = compile_plan(["llama3_8b", "optim.grad_accum=8"], "v5e:8x8")
     assert result.compiled is not None and result.compiled.oom is None
@@ -130,11 +131,15 @@ def test_llama3_8b_with_adamw_fits_v5e_8x8():
     assert "over" in result.placement  # mapped onto the physical torus
 
 
-VALIDATION = [  # (overrides, target): shapes, meshes and remat policies the model was not fitted on
-    (["model.remat=full", "train.batch_size=32"], "v5e:2x4"),
-    (["model.remat=save_attention_out", "mesh.data=2", "mesh.fsdp=4", "train.batch_size=32"], "v5e:2x4"),
-    (["model.remat=dots", "mesh.fsdp=4", "mesh.tensor=2", "train.batch_size=32"], "v5e:2x4"),
-    (["model.remat=none", "train.batch_size=8"], "v5e:2x4"),
+# (overrides, target): shapes, meshes and remat policies the model was not fitted on. The 2-D mesh case runs in
+# the slow pass; the others only with -m tpu_aot.
+VALIDATION = [
+    pytest.param(["model.remat=full", "train.batch_size=32"], "v5e:2x4", marks=pytest.mark.tpu_aot),
+    pytest.param(["model.remat=save_attention_out", "mesh.data=2", "mesh.fsdp=4", "train.batch_size=32"], "v5e:2x4",
+                 marks=pytest.mark.tpu_aot),
+    pytest.param(["model.remat=dots", "mesh.fsdp=4", "mesh.tensor=2", "train.batch_size=32"], "v5e:2x4",
+                 marks=pytest.mark.slow),
+    pytest.param(["model.remat=none", "train.batch_size=8"], "v5e:2x4", marks=pytest.mark.tpu_aot),
 ]
 MEDIUM = ["llama3_1b", "model.vocab_size=50000", "model.d_model=2048", "model.num_layers=4", "model.num_heads=16",
           "model.num_kv_heads=8", "model.head_dim=128", "model.mlp_dim=5632", "train.seq_len=1024",
@@ -142,8 +147,7 @@ MEDIUM = ["llama3_1b", "model.vocab_size=50000", "model.d_model=2048", "model.nu
 
 
 @needs_libtpu
-@pytest.mark.slow
-@pytest.mark.parametrize("words,target", VALIDATION, ids=[w[0] for w, _ in VALIDATION])
+@pytest.mark.parametrize("words,target", VALIDATION, ids=[p.values[0][0] for p in VALIDATION])
 def test_analytic_memory_within_15_percent_of_the_tpu_compiler(words, target):
     result = compile_plan(MEDIUM + words, target)
     assert result.compiled.oom is None

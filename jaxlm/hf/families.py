@@ -9,9 +9,14 @@ the same maps, so a round trip is exact by construction.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
-from jaxlm.config import ConfigError, ModelConfig
+import jax
+
+from jaxlm.config import ConfigError, DistributedConfig, ModelConfig, is_default
+
+log = logging.getLogger(__name__)
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -76,14 +81,53 @@ def _require(hf: dict, key: str, allowed, what: str) -> None:
         raise ConfigError(f"config.json {key}={value!r} is not supported ({what}); expected one of {allowed}")
 
 
-def model_config(hf: dict, base: ModelConfig = ModelConfig()) -> ModelConfig:
+def model_config(hf: dict, base: ModelConfig = ModelConfig(), platform: str | None = None) -> ModelConfig:
     """The jaxlm model for a Hugging Face config.json. Shape fields come from `hf`; runtime fields (dtypes,
-    remat, scan, attention kernel) stay as in `base`."""
+    remat, scan, attention kernel) stay as in `base`, except a compute dtype nobody chose (`compute_dtype`)."""
     family = family_of(hf)
     try:
-        return _model_config(hf, base, family)
+        model = _model_config(hf, base, family)
     except KeyError as e:
         raise ConfigError(f"config.json has no {e.args[0]!r} field, which a {family} config needs") from None
+    return dataclasses.replace(model, dtype=compute_dtype(hf, base, platform))
+
+
+# Checkpoint dtypes -> the compute dtype jaxlm uses for them on an accelerator. float16 has no jaxlm compute
+# path; bfloat16 keeps its memory and covers its range.
+CHECKPOINT_COMPUTE = {"float32": "float32", "float64": "float32", "bfloat16": "bfloat16", "float16": "bfloat16"}
+
+
+def compute_dtype(hf: dict, base: ModelConfig, platform: str | None = None) -> str:
+    """`base.dtype` if a preset, file or override set it; otherwise float32 on CPU (no fast bfloat16 there,
+    and greedy output then matches transformers' float32) and the checkpoint's own dtype on accelerators.
+    `platform` defaults to `safe_platform()`. Logs the choice it makes."""
+    if not is_default(base.dtype):
+        return str(base.dtype)
+    platform = platform or safe_platform()
+    stored = str(hf.get("dtype") or hf.get("torch_dtype") or "").removeprefix("torch.")
+    if platform == "cpu":
+        dtype = "float32"
+        why = f"CPU; the checkpoint is {stored}" if stored else "CPU"
+    elif stored in CHECKPOINT_COMPUTE:
+        dtype = CHECKPOINT_COMPUTE[stored]
+        why = f"the checkpoint is {stored}" + (f", which jaxlm computes in {dtype}" if dtype != stored else "")
+    else:
+        dtype = str(base.dtype)
+        why = "the default; config.json names no dtype" if not stored else f"the default; the checkpoint is {stored}"
+    log.info("compute dtype %s (%s); set model.dtype to choose another", dtype, why)
+    return dtype
+
+
+def safe_platform(distributed: DistributedConfig = DistributedConfig()) -> str:
+    """JAX's default platform ("cpu", "gpu", "tpu"), found without starting a backend before a multi-process
+    start, which must come first: there it is JAX_PLATFORMS's first entry, else taken to be an accelerator."""
+    from jax._src import xla_bridge  # no public way to ask whether a backend has started
+
+    from jaxlm.distributed import detect
+
+    if xla_bridge.backends_are_initialized() or detect(distributed).method == "single":
+        return jax.default_backend()
+    return (jax.config.jax_platforms or "").split(",")[0] or "accelerator"
 
 
 def _model_config(hf: dict, base: ModelConfig, family: str) -> ModelConfig:

@@ -53,7 +53,8 @@ def resolve_init_from(config: Config) -> Config:
     """`config` with the model shape of its `model.init_from=hf:DIR` checkpoint, and that checkpoint's
     tokenizer for the data unless one is set."""
     hf_dir = hf_dir_of(config.model.init_from)
-    model = families.model_config(read_config(hf_dir), config.model)
+    # Called before the multi-process start, which the platform query must not precede.
+    model = families.model_config(read_config(hf_dir), config.model, families.safe_platform(config.distributed))
     data = config.data
     if not data.tokenizer:
         names = [n for n in rundir.TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]

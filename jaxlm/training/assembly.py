@@ -131,24 +131,27 @@ def assemble(spec: ModelSpec, mesh, ckpt_dir: str, base_params=None,
     config = spec.config
     abstract = abstract_state(spec, mesh)
     ckpt = Checkpointer(ckpt_dir, config.checkpoint)
+    # The newest intact step: a damaged one is skipped with a warning (Checkpointer.restore_latest).
+    latest = lambda target: ckpt.restore_latest(target) if config.checkpoint.resume else None
     try:
-        latest = ckpt.latest_step() if config.checkpoint.resume else None
-        if latest is not None and spec.lora is None and before_restore is None:
-            state, data_state = ckpt.restore(latest, abstract)
+        if spec.lora is None and before_restore is None:
+            restored = latest(abstract)
+            state, data_state = restored[1:] if restored else (initial_state(spec, abstract, mesh, base_params), None)
         else:
             state, data_state = initial_state(spec, abstract, mesh, base_params), None
             if before_restore is not None:
                 before_restore(state)
-            if latest is not None:
-                restored, data_state = ckpt.restore(latest, spec.checkpointed(abstract))
-                state = restored if spec.lora is None else restored.replace(
-                    params={**state.params, "lora": restored.params["lora"]})
+            restored = latest(spec.checkpointed(abstract))
+            if restored is not None:
+                _, saved, data_state = restored
+                state = saved if spec.lora is None else saved.replace(
+                    params={**state.params, "lora": saved.params["lora"]})
     except BaseException:
         ckpt.close()
         raise
-    if latest is not None:
+    if restored is not None:
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-    return Run(spec, mesh, abstract, state, data_state, ckpt, int(state.step), latest is not None)
+    return Run(spec, mesh, abstract, state, data_state, ckpt, int(state.step), restored is not None)
 
 
 def objective(config: Config, spec: ModelSpec, train: bool = True) -> objectives.Objective:
