@@ -5,7 +5,11 @@ setup(
     version="0.1.0",
     description="Train, finetune, evaluate and ship LLMs with JAX, from a laptop CPU to a TPU pod.",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["jaxlm", "jaxlm.*", "configs"]),
+    # The presets stay in the repository's top-level configs/ but install as jaxlm.configs, never as a
+    # top-level `configs` that would collide with another project's. jaxlm/configs/ holds only the stand-in
+    # a source checkout imports (see its docstring); the installed package is configs/, its __init__ included.
+    packages=[*find_packages(include=["jaxlm", "jaxlm.*"], exclude=["jaxlm.configs"]), "jaxlm.configs"],
+    package_dir={"jaxlm.configs": "configs"},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

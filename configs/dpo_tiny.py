@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from configs import sft_tiny
+from jaxlm.configs import sft_tiny
 
 
 def config():

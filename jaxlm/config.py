@@ -6,7 +6,7 @@ set as `section.field=value`.
 
 Every numeric field declares its valid values with `ranged(default, ge=/gt=/le=/lt=, special=)`; `validate`
 checks them all (a tuple's items one by one) before the cross-field rules, and the `jaxlm` command's
-numeric flags use the same `Range` (jaxlm/cli.py).
+numeric flags use the same `Range` (jaxlm/commands/args.py).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import pathlib
+import pkgutil
 import tomllib
 import types
 import typing
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 from jaxlm.config import Config, ConfigError, validate
 
-PRESET_PACKAGE = "configs"
+PRESET_PACKAGE = "jaxlm.configs"  # the repository's configs/ folder (see jaxlm/configs/__init__.py)
 
 
 def all_keys(config: Config) -> dict[str, Any]:
@@ -162,6 +163,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _old_preset_import(ref: str, e: ModuleNotFoundError) -> None:
+    """Presets were a top-level `configs` package before they became jaxlm.configs: a preset of the user's
+    own that still imports `from configs import tiny` gets a line that says what to write instead."""
+    if (e.name or "").split(".")[0] == "configs":
+        raise ConfigError(f"preset {ref} imports '{e.name}': the presets are the package jaxlm.configs, "
+                          f"e.g. `from jaxlm.configs import tiny`") from None
+
+
 def _load_preset(ref: str) -> Config:
     path = pathlib.Path(ref)
     if path.suffix == ".py":
@@ -169,11 +178,20 @@ def _load_preset(ref: str) -> Config:
             raise ConfigError(f"config file {ref} does not exist")
         spec = importlib.util.spec_from_file_location(f"_jaxlm_preset_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # a preset is the user's own code, like any training script
-    else:
         try:
-            module = importlib.import_module(f"{PRESET_PACKAGE}.{ref}")
-        except ModuleNotFoundError:
+            spec.loader.exec_module(module)  # a preset is the user's own code, like any training script
+        except ModuleNotFoundError as e:
+            _old_preset_import(ref, e)
+            raise
+    else:
+        name = f"{PRESET_PACKAGE}.{ref}"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            _old_preset_import(ref, e)
+            missing = e.name or ""
+            if not missing.startswith(PRESET_PACKAGE + ".") or not f"{name}.".startswith(f"{missing}."):
+                raise  # the preset exists; something it imports does not
             raise ConfigError(f"unknown preset '{ref}'{_nearest(ref, list_presets())}") from None
     if not isinstance(getattr(module, "config", None), types.FunctionType):
         raise ConfigError(f"preset {ref} must define a function config() -> jaxlm.config.Config")
@@ -196,7 +214,8 @@ def _load_data_file(path: pathlib.Path) -> dict[str, Any]:
 
 def list_presets() -> list[str]:
     package = importlib.import_module(PRESET_PACKAGE)
-    return sorted(p.stem for p in pathlib.Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    # __path__, not __file__: from a checkout the package's init is a stand-in that points at configs/
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def load(args: list[str]) -> Config:

@@ -1,6 +1,7 @@
 """Config loading: presets, stacked files, typed overrides, and one-line errors from the CLI."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -46,6 +47,21 @@ def test_unknown_preset_names_nearest():
         overrides.load(["tinny"])
 
 
+def test_presets_are_the_repository_configs_folder_as_jaxlm_configs():
+    """The presets install as jaxlm.configs, never as a top-level `configs` package that could collide with
+    another project's; every module of configs/ is one, whether jaxlm runs from a checkout or an install."""
+    folder = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    assert overrides.list_presets() == sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    assert overrides.load(["dpo_tiny"]).task == "dpo"  # a preset that imports another: jaxlm.configs.sft_tiny
+
+
+def test_preset_importing_the_old_configs_package_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "configs", None)  # as in an install: no top-level `configs` anywhere
+    (tmp_path / "old.py").write_text("from configs import tiny\ndef config():\n    return tiny.config()\n")
+    with pytest.raises(ConfigError, match=r"imports 'configs': .* `from jaxlm.configs import tiny`"):
+        overrides.load([str(tmp_path / "old.py")])
+
+
 def test_stacked_files_apply_in_order(tmp_path):
     (tmp_path / "a.toml").write_text("[model]\nnum_layers = 3\nd_model = 128\n[optim]\nlr = 0.5\n")
     (tmp_path / "b.json").write_text(json.dumps({"model": {"num_layers": 5}}))
@@ -64,7 +80,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
 
 def test_python_preset_file(tmp_path):
     (tmp_path / "mine.py").write_text(
-        "import dataclasses\nfrom configs import qwen2_0_5b\n"
+        "import dataclasses\nfrom jaxlm.configs import qwen2_0_5b\n"
         "def config():\n    c = qwen2_0_5b.config()\n    return dataclasses.replace(c, name='mine')\n")
     c = overrides.load([str(tmp_path / "mine.py"), "model.num_layers=2"])
     assert c.name == "mine" and c.model.qkv_bias and c.model.num_layers == 2

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxlm import cli, overrides, plan, quantize
+from jaxlm.commands import args as cli_args, data as data_command
 from jaxlm.config import Config, ConfigError, ModelConfig, PrepareConfig, SamplingConfig, validate
 from jaxlm.generate import Generator
 
@@ -130,7 +131,7 @@ def test_config_files_and_python_presets_are_range_checked(tmp_path):
         overrides.load(["tiny", str(tmp_path / "bad.toml")])
     for field, value in (("lora", "block_size=0"), ("model", "vocab_size='8192'")):
         (tmp_path / "mine.py").write_text(
-            "import dataclasses\nfrom configs import tiny\n"
+            "import dataclasses\nfrom jaxlm.configs import tiny\n"
             f"def config():\n    c = tiny.config()\n"
             f"    return dataclasses.replace(c, {field}=dataclasses.replace(c.{field}, {value}))\n")
         with pytest.raises(ConfigError, match=f"^{field}\\.{value.split('=')[0]}="):
@@ -207,8 +208,8 @@ def parsers(parser: argparse.ArgumentParser, words: list[str]):
 
 
 def all_parsers():
-    # `jaxlm data prepare` parses its own words with cli._prepare_parser.
-    return [*parsers(cli.build_parser(), []), (["data", "prepare"], cli._prepare_parser())]
+    # `jaxlm data prepare` parses its own words with jaxlm.commands.data.prepare_parser.
+    return [*parsers(cli.build_parser(), []), (["data", "prepare"], data_command.prepare_parser())]
 
 
 def filler(parser: argparse.ArgumentParser) -> list[str]:
@@ -228,7 +229,7 @@ def numeric_flags():
     cases = []
     for words, parser in all_parsers():
         for action in parser._actions:
-            if isinstance(action.type, cli.Bounded):
+            if isinstance(action.type, cli_args.Bounded):
                 cases.append((words, filler(parser), action))
     return cases
 
@@ -239,7 +240,7 @@ NUMERIC_FLAGS = numeric_flags()
 def test_every_numeric_flag_declares_a_range():
     plain = [f"jaxlm {' '.join(words)} {a.option_strings[0]}" for words, parser in all_parsers()
              for a in parser._actions if a.type in (int, float)]
-    assert not plain, f"flags without a declared range (use cli.bounded or cli.like): {plain}"
+    assert not plain, f"flags without a declared range (use bounded or like from jaxlm.commands.args): {plain}"
     assert len(NUMERIC_FLAGS) >= 20
     for words, _, action in NUMERIC_FLAGS:
         assert action.default is None or action.default in action.type.valid, (words, action.option_strings)

@@ -1,0 +1,48 @@
+"""`jaxlm finetune`: SFT or DPO, full or LoRA/QLoRA."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxlm.commands import summaries
+from jaxlm.commands.args import CONFIG_HELP
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="SFT or DPO, full or LoRA/QLoRA",
+        description="Finetune a model: task=sft (default) on chat JSONL ({\"messages\": [...]} or\n"
+                    "{\"prompt\", \"response\"}), loss on assistant tokens only; or task=dpo on\n"
+                    "{\"prompt\", \"chosen\", \"rejected\"} JSONL. model.init_from: a jaxlm run directory, hf:DIR,\n"
+                    "or empty for random weights. finetune.data: a JSONL file, chatterbot:english or\n"
+                    "chatterbot:chinese. lora.targets (path regexes such as 'attn/(q|v)$') switch to LoRA,\n"
+                    "lora.quantize=int8|nf4 to QLoRA.\n\nExample: jaxlm finetune sft_tiny model.init_from=runs/tiny\n\n"
+                    + CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="*", default=["sft_tiny"], help="preset, config files and overrides (default: sft_tiny)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from jaxlm import overrides
+
+    config = overrides.load(args.config)
+    if config.task == "pretrain":  # the finetune command defaults to SFT
+        import dataclasses
+
+        config = dataclasses.replace(config, task="sft")
+    if args.print_config:
+        import json
+
+        print(json.dumps(overrides.to_dict(config), indent=2))
+        return 0
+    return run_config(config)
+
+
+def run_config(config) -> int:
+    """Finetunes (task=sft|dpo) and reports: `jaxlm finetune`, and `jaxlm train` given a finetuning config."""
+    from jaxlm import finetune as finetuner
+
+    summaries.print_finetune(finetuner.finetune(config))
+    return 0

@@ -1,0 +1,95 @@
+"""`jaxlm generate`: text from a run's checkpoint, streamed for one prompt, batched for a prompt file."""
+
+from __future__ import annotations
+
+import sys
+
+from jaxlm.commands.args import QUANT_FORMATS, STEP, like
+from jaxlm.config import ConfigError, SamplingConfig
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a trained run",
+                              description="Generate text from the latest checkpoint of a run directory. The prompt "
+                                          "comes from --prompt, --prompt-file (one prompt per line, batched) or stdin.")
+    p.add_argument("run_dir", help="a run directory written by `jaxlm train` (holds config.json, tokenizer.model)")
+    p.add_argument("--prompt", help="the prompt text")
+    p.add_argument("--prompt-file", help="a file with one prompt per line, generated as one batch")
+    p.add_argument("--step", type=STEP, help="checkpoint step to load (default: the latest)")
+    p.add_argument("--max-new-tokens", type=like(SamplingConfig, "max_new_tokens"), default=64)
+    p.add_argument("--temperature", type=like(SamplingConfig, "temperature"), default=0.0,
+                   help="0 (default) decodes greedily")
+    p.add_argument("--top-k", type=like(SamplingConfig, "top_k"), default=0, help="0 (default) disables")
+    p.add_argument("--top-p", type=like(SamplingConfig, "top_p"), default=1.0, help="in (0, 1]; 1 (default) disables")
+    p.add_argument("--repetition-penalty", type=like(SamplingConfig, "repetition_penalty"), default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=like(SamplingConfig, "seed"), default=0)
+    p.add_argument("--quantize", choices=QUANT_FORMATS, help="weight-only quantize the params first")
+    p.add_argument("--chat", action="store_true",
+                   help="treat each prompt as a user message and render it with the run's chat template")
+    p.add_argument("--chat-template", help="a .jinja chat template to use instead of the run's own")
+    p.set_defaults(func=run)
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise ConfigError(f"cannot read --prompt-file: {e}") from None
+    return [sys.stdin.read()]
+
+
+def run(args) -> int:
+    from jaxlm.generate import Generator, check_stops, complete_tokens
+    from jaxlm.inference import load_run
+
+    texts = _read_prompts(args)
+    loaded = load_run(args.run_dir, args.step, quantize=args.quantize)
+    tok = loaded.tokenizer
+    check_stops(tok, args.stop)
+    stops = list(args.stop)
+    if args.chat:  # each prompt is one user turn, rendered with the run's chat template (ChatML if it has none)
+        from jaxlm import chat
+
+        template = chat.load(args.chat_template or "", model_dir=loaded.directory)
+        rendered = [template.render([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+        stops += [template.stop_string] if template.stop_string else []
+    else:
+        rendered = texts
+    prompts = []
+    for text in rendered:
+        ids = tok.encode(text)
+        prompts.append(ids if ids[:1] == [tok.bos_id()] else [tok.bos_id(), *ids])  # a template may bring BOS
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                              seed=args.seed)
+    generator = Generator(loaded.model, loaded.params, sampling, loaded.mesh)
+    if len(prompts) > 1:
+        for text, completion in zip(texts, complete_tokens(generator, tok, prompts, tuple(stops), len(prompts))):
+            print(f"{text}{completion}\n")
+        return 0
+    _stream(generator, tok, prompts, stops)
+    return 0
+
+
+def _stream(generator, tok, prompts, stops) -> None:
+    """Prints one prompt's completion as it arrives, up to EOS or a stop string."""
+    from jaxlm.generate import cut_at_stop
+
+    output, shown = [], ""
+    for tokens in generator.stream(prompts):
+        token = int(tokens[0])
+        if token == tok.eos_id():
+            break
+        output.append(token)
+        decoded = tok.decode(output)
+        text = cut_at_stop(decoded, stops)
+        print(text[len(shown):], end="", flush=True)  # stream the new text as it arrives
+        shown = text
+        if len(text) < len(decoded):  # a stop string was cut off
+            break
+    print()
