@@ -32,11 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        from jaxlm.checkpoint import DamagedCheckpoint
-
-        hint = ""
-        if isinstance(e, DamagedCheckpoint) and e.intact and hasattr(args, "step"):  # the command takes --step
-            hint = f"; pass --step {e.intact[-1]}"
+        intact = getattr(e, "intact", None)  # checkpoint.DamagedCheckpoint, without importing Orbax for it
+        hint = f"; pass --step {intact[-1]}" if intact and hasattr(args, "step") else ""  # the command takes --step
         print(f"jaxlm: error: {e}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one clear line for known failure kinds, tracebacks for bugs
