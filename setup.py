@@ -26,7 +26,7 @@ setup(
         "matplotlib==3.11.2",
         "tokenizers==0.23.3",  # Hugging Face tokenizer.json (imported models)
         "ml_dtypes==0.6.0",  # bfloat16 safetensors
-        "Jinja2==3.1.6",  # chat templates (jaxlm.chat, sandboxed)
+        "Jinja2==3.1.6",  # chat templates (jaxlm.data.chat, sandboxed)
         "safetensors==0.8.0",  # LoRA adapters and PEFT export
         # `jaxlm data prepare`: mojibake repair, MinHash/LSH, language ID (model inside the wheel),
         # Parquet input, Unicode-script regexes, ArrayRecord shards

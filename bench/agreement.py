@@ -1,4 +1,4 @@
-"""Cost of the per-step cross-host agreement (jaxlm.distributed.Agreement) that makes SIGTERM on any host
+"""Cost of the per-step cross-host agreement (jaxlm.core.distributed.Agreement) that makes SIGTERM on any host
 stop every host at the same step: N processes on loopback, each agreeing R times; prints the latency.
 
     .venv/bin/python bench/agreement.py --processes 2 --rounds 300
@@ -20,8 +20,8 @@ def worker(pid: int, count: int, port: int, rounds: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    from jaxlm import distributed
-    from jaxlm.config import DistributedConfig
+    from jaxlm.core import distributed
+    from jaxlm.core.config import DistributedConfig
 
     distributed.initialize(DistributedConfig(coordinator_address=f"127.0.0.1:{port}", num_processes=count,
                                              process_id=pid, init_timeout_s=60))

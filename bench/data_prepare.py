@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
-from jaxlm.config import PrepareConfig
-from jaxlm.data import corpus, dedup, packing, pipeline, prepare, prepared
+from jaxlm.core.config import PrepareConfig
+from jaxlm.data import corpus, packing, pipeline, prepared
+from jaxlm.data.prepare import dedup, run as prepare
 
 TINY_TRAINER_TOKENS_PER_S = 3120  # README benchmark table, tiny preset on this 2-core CPU
 

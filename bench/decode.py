@@ -25,7 +25,7 @@ import numpy as np
 
 
 def jaxlm_decode(model, params, prompts, new_tokens: int, repeats: int) -> dict:
-    from jaxlm.generate import Generator, SamplingConfig
+    from jaxlm.inference.generate import Generator, SamplingConfig
 
     gen = Generator(model, params, SamplingConfig(max_new_tokens=new_tokens))
     list(gen.stream(prompts))  # compile prefill and step
@@ -96,14 +96,15 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxlm import overrides, quantize
+    from jaxlm.core import overrides
+    from jaxlm.core.sharded_init import strip_boxes
     from jaxlm.hf import families
     from jaxlm.hf.exporter import write_checkpoint
-    from jaxlm.model import Transformer
-    from jaxlm.sharded_init import strip_boxes
+    from jaxlm.model import quantize
+    from jaxlm.model.transformer import Transformer
 
     if args.run_dir:  # trained weights: greedy choices are clear-cut, so token agreement is meaningful
-        from jaxlm.inference import load_run
+        from jaxlm.inference.load import load_run
 
         run = load_run(args.run_dir)
         config, model, params = run.config, run.model, run.params

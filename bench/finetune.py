@@ -39,9 +39,9 @@ def run_one(words: list[str], mode: str, steps: int, batch: int, seq: int, rank:
     import jax
     import numpy as np
 
-    from jaxlm import mesh as mesh_lib, overrides
-    from jaxlm.config import MeshConfig
-    from jaxlm.sharding import global_batch
+    from jaxlm.core import mesh as mesh_lib, overrides
+    from jaxlm.core.config import MeshConfig
+    from jaxlm.core.sharding import global_batch
     from jaxlm.training import assembly
 
     targets, quant = MODES[mode]

@@ -70,9 +70,9 @@ def phase(args) -> dict:
         return {"params": sum(p.numel() for p in model.parameters()), "hf_bytes": dir_bytes(hf_dir)}
     import jax
 
-    from jaxlm.config import MeshConfig, ModelConfig
+    from jaxlm.core.config import MeshConfig, ModelConfig
+    from jaxlm.core.mesh import make_mesh
     from jaxlm.hf import exporter, families, importer
-    from jaxlm.mesh import make_mesh
 
     t0 = time.perf_counter()
     if args.phase == "load":

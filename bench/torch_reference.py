@@ -23,7 +23,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from jaxlm import overrides
+    from jaxlm.core import overrides
 
     c = overrides.load(args.config)
     m, t = c.model, c.train

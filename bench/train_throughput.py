@@ -40,8 +40,8 @@ def run_one(words: list[str], steps: int, windows: int) -> dict:
     import jax
     import numpy as np
 
-    from jaxlm import flops, mesh as mesh_lib, overrides
-    from jaxlm.sharding import global_batch
+    from jaxlm.core import flops, mesh as mesh_lib, overrides
+    from jaxlm.core.sharding import global_batch
     from jaxlm.training import assembly
 
     config = overrides.load(words)

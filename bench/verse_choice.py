@@ -15,7 +15,7 @@ import random
 import re
 import tempfile
 
-from jaxlm import overrides
+from jaxlm.core import overrides
 from jaxlm.evaluation.runner import heldout_texts
 
 

@@ -1,6 +1,6 @@
 """The 18M-parameter reference shape used to compare trainers on one CPU host (see bench/)."""
 
-from jaxlm.config import Config, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.core.config import Config, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> Config:

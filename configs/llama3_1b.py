@@ -1,6 +1,6 @@
 """LLaMA 3.2 1B shape (1.24B parameters, tied embeddings, LLaMA-3 RoPE scaling)."""
 
-from jaxlm.config import Config, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.core.config import Config, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> Config:

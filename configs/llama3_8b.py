@@ -1,6 +1,6 @@
 """LLaMA 3.1 8B shape (8.03B parameters, GQA with 8 KV heads, LLaMA-3 RoPE scaling)."""
 
-from jaxlm.config import Config, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.core.config import Config, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> Config:

@@ -1,6 +1,6 @@
 """Qwen2 0.5B shape (494M parameters, QKV bias, tied embeddings, 2 KV heads)."""
 
-from jaxlm.config import Config, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.core.config import Config, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> Config:

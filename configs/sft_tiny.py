@@ -3,8 +3,8 @@ seconds); with model.init_from=runs/tiny it finetunes the pretrained `tiny` mode
 
 import dataclasses
 
-from jaxlm.config import FinetuneConfig, LoraConfig, OptimConfig, TrainConfig
 from jaxlm.configs import tiny
+from jaxlm.core.config import FinetuneConfig, LoraConfig, OptimConfig, TrainConfig
 
 
 def config():

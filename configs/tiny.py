@@ -1,6 +1,6 @@
 """CPU quickstart: a 6M-parameter LLaMA-style model on the King James Bible, about 5 minutes on 2 CPU cores."""
 
-from jaxlm.config import CheckpointConfig, Config, ModelConfig, OptimConfig, TrainConfig
+from jaxlm.core.config import CheckpointConfig, Config, ModelConfig, OptimConfig, TrainConfig
 
 
 def config() -> Config:

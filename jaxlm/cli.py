@@ -9,7 +9,7 @@ import sys
 
 from jaxlm.commands import convert, data, evaluate, finetune, generate, peft, plan, presets, quantize, tokenizer, train
 from jaxlm.commands.args import Parser
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 
 # In the order `jaxlm --help` lists them.
 COMMANDS = (train, generate, evaluate, quantize, convert, finetune, data, tokenizer, peft, plan, presets)

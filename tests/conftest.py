@@ -10,7 +10,7 @@ import dataclasses  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxlm.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from jaxlm.core.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # exact float32 comparisons on CPU
 

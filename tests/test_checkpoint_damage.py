@@ -18,11 +18,11 @@ import optax
 import pytest
 from conftest import small_config
 
-from jaxlm import mesh as mesh_lib, sharded_init
-from jaxlm.checkpoint import Checkpointer, DamagedCheckpoint
-from jaxlm.config import CheckpointConfig, ConfigError
-from jaxlm.model import Transformer
-from jaxlm.overrides import to_dict
+from jaxlm.core import mesh as mesh_lib, sharded_init
+from jaxlm.core.config import CheckpointConfig, ConfigError
+from jaxlm.core.overrides import to_dict
+from jaxlm.model.transformer import Transformer
+from jaxlm.training.checkpoint import Checkpointer, DamagedCheckpoint
 
 STEPS = (10, 20, 30)
 CONFIG = small_config()
@@ -75,7 +75,7 @@ def checkpoints(pristine, tmp_path):
 
 def test_restore_latest_falls_back_bit_for_bit_and_warns(pristine, checkpoints, caplog):
     damage(checkpoints, 30)
-    with jax.set_mesh(mesh_lib.make_mesh(CONFIG.mesh)), caplog.at_level(logging.WARNING, "jaxlm.checkpoint"):
+    with jax.set_mesh(mesh_lib.make_mesh(CONFIG.mesh)), caplog.at_level(logging.WARNING, "jaxlm.training.checkpoint"):
         _, abstract = abstract_state()
         with Checkpointer(checkpoints, CheckpointConfig(async_save=False)) as ckpt:
             step, state, data_state = ckpt.restore_latest(abstract)
@@ -141,7 +141,7 @@ def make_run(checkpoints: str, **model) -> str:
 
 def test_load_run_of_a_damaged_step_is_one_config_error(checkpoints):
     pytest.importorskip("tokenizers")
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     damage(checkpoints, 30)
     run = make_run(checkpoints)

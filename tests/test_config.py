@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from jaxlm import overrides
-from jaxlm.config import ConfigError
+from jaxlm.core import overrides
+from jaxlm.core.config import ConfigError
 
 
 def test_preset_and_overrides_are_typed():

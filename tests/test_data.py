@@ -81,7 +81,7 @@ def test_bible_corpus_split_is_by_document():
 
 
 def test_text_source_errors_are_clear(tmp_path):
-    from jaxlm.config import ConfigError
+    from jaxlm.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="matches no files"):
         corpus.documents(str(tmp_path / "*.txt"))

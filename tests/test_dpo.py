@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm import chat, cli, dpo, sft
-from jaxlm.model import Transformer
+from jaxlm import cli
+from jaxlm.data import chat
+from jaxlm.model.transformer import Transformer
+from jaxlm.training import dpo, sft
 from jaxlm.training.step import means
 
 BETA = 0.5

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 from jaxlm.evaluation import humaneval, multiple_choice, perplexity
 from jaxlm.evaluation.sandbox import run_python
-from jaxlm.generate import Generator, SamplingConfig, complete
-from jaxlm.model import Transformer
-from jaxlm.scoring import Scorer, encode_pair
+from jaxlm.inference.generate import Generator, SamplingConfig, complete
+from jaxlm.inference.scoring import Scorer, encode_pair
+from jaxlm.model.transformer import Transformer
 
 
 class CharTokenizer:
@@ -125,7 +125,7 @@ def test_harness_adapter_equals_jaxlm_scorer(model_params):
     from lm_eval.api.instance import Instance
 
     from jaxlm.evaluation.harness import JaxlmLM
-    from jaxlm.inference import LoadedRun
+    from jaxlm.inference.load import LoadedRun
 
     model, params = model_params
     tok = CharTokenizer()
@@ -194,7 +194,7 @@ def test_lm_eval_runs_a_local_task_through_the_adapter(model_params, tmp_path, m
     from lm_eval.tasks import TaskManager
 
     from jaxlm.evaluation.harness import JaxlmLM
-    from jaxlm.inference import LoadedRun
+    from jaxlm.inference.load import LoadedRun
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, params = model_params
@@ -214,8 +214,8 @@ def test_lm_eval_runs_a_local_task_through_the_adapter(model_params, tmp_path, m
 
 
 def test_quantization_report(model_params):
-    from jaxlm import quantize as Q
     from jaxlm.evaluation import quantization
+    from jaxlm.model import quantize as Q
 
     model, params = model_params
     texts = ["In the beginning God created the heaven and the earth.", "And the earth was without form."]

@@ -15,9 +15,9 @@ import pytest
 from conftest import small_config
 
 from jaxlm import cli
-from jaxlm.config import LoraConfig, MeshConfig
-from jaxlm.mesh import make_mesh
-from jaxlm.sharding import global_batch
+from jaxlm.core.config import LoraConfig, MeshConfig
+from jaxlm.core.mesh import make_mesh
+from jaxlm.core.sharding import global_batch
 from jaxlm.training import assembly
 from jaxlm.training.step import make_step
 
@@ -120,7 +120,7 @@ def test_resumed_lora_finetune_equals_uninterrupted_and_a_rerun_only_rewrites_ou
     capsys.readouterr()
     assert cli.main(args + [f"train.run_dir={split}"]) == 0
     assert (split / "adapters" / "adapters.safetensors").is_file()
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     assert load_run(str(split)).step == 4
 
@@ -133,7 +133,7 @@ def test_resumed_full_finetune_equals_uninterrupted(tmp_path, capsys):
     assert cli.main(args + [f"train.run_dir={tmp_path}/split", "train.stop_at=2"]) == 0
     assert cli.main(args + [f"train.run_dir={tmp_path}/split"]) == 0
     assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     a, b = load_run(str(tmp_path / "whole")), load_run(str(tmp_path / "split"))
     assert a.step == b.step == 4

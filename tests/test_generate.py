@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm.config import ConfigError
-from jaxlm.generate import Generator, SamplingConfig, filter_logits, init_cache, penalize
-from jaxlm.model import Transformer
+from jaxlm.core.config import ConfigError
+from jaxlm.inference.generate import Generator, SamplingConfig, filter_logits, init_cache, penalize
+from jaxlm.model.transformer import Transformer
 
 
 def _model(**overrides):
@@ -96,7 +96,7 @@ class _AsciiTokenizer:
 
 
 def test_stop_strings_the_tokenizer_cannot_produce_are_clear_errors():
-    from jaxlm.generate import check_stops
+    from jaxlm.inference.generate import check_stops
 
     check_stops(_AsciiTokenizer(), ["\n", " Amen", "###"])
     with pytest.raises(ConfigError, match="stop string 'é' can never appear"):
@@ -107,9 +107,9 @@ def test_stop_strings_the_tokenizer_cannot_produce_are_clear_errors():
 
 def test_sharded_cache_and_params_decode_the_same_tokens():
     """Params sharded fsdp x tensor over 8 devices, the cache sharded by the same rule table."""
-    from jaxlm import mesh as mesh_lib
-    from jaxlm.config import MeshConfig
-    from jaxlm.sharding import tree_shardings
+    from jaxlm.core import mesh as mesh_lib
+    from jaxlm.core.config import MeshConfig
+    from jaxlm.core.sharding import tree_shardings
 
     config = small_config()
     model = Transformer(config.model)

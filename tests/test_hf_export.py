@@ -15,11 +15,11 @@ pytest.importorskip("transformers")
 
 from hf_models import hf_logits, hf_tensors, make_model, save_model, save_tokenizer  # noqa: E402
 from jaxlm import cli  # noqa: E402
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core.config import ConfigError, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core.mesh import make_mesh  # noqa: E402
 from jaxlm.hf import exporter, families, importer  # noqa: E402
 from jaxlm.hf.tokenizer import chat_template  # noqa: E402
-from jaxlm.mesh import make_mesh  # noqa: E402
-from jaxlm.model import Transformer  # noqa: E402
+from jaxlm.model.transformer import Transformer  # noqa: E402
 
 BASE = ModelConfig(dtype="float32", attention="xla")
 TOKENS = np.random.default_rng(1).integers(0, 96, size=(2, 10))
@@ -104,7 +104,8 @@ def _small_train_overrides(run_dir: str) -> list[str]:
 
 @pytest.mark.slow
 def test_init_from_hf_trains_and_exports_with_same_logits(tmp_path):
-    from jaxlm import overrides, train
+    from jaxlm.core import overrides
+    from jaxlm.training import pretrain as train
 
     src = save_model("llama", str(tmp_path / "src"))
     save_tokenizer(src)
@@ -122,8 +123,9 @@ def test_init_from_hf_trains_and_exports_with_same_logits(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_run_exports_to_transformers(tmp_path):
-    from jaxlm import overrides, train
-    from jaxlm.inference import load_run
+    from jaxlm.core import overrides
+    from jaxlm.inference.load import load_run
+    from jaxlm.training import pretrain as train
 
     run_dir = str(tmp_path / "run")
     config = overrides.load(["tiny", "model.num_layers=2", "model.d_model=64", "model.mlp_dim=128",
@@ -148,8 +150,9 @@ def test_export_rejects_unknown_dtype(tmp_path):
 
 @pytest.mark.slow
 def test_converted_run_resumes_training_from_the_imported_weights(tmp_path):
-    from jaxlm import overrides, train
-    from jaxlm.inference import load_run
+    from jaxlm.core import overrides
+    from jaxlm.inference.load import load_run
+    from jaxlm.training import pretrain as train
 
     src = save_model("qwen2", str(tmp_path / "src"))
     save_tokenizer(src)

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("transformers")
 
 from hf_models import FAMILIES, hf_logits, save_model  # noqa: E402
-from jaxlm.config import ConfigError, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core.config import ConfigError, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core.mesh import make_mesh  # noqa: E402
 from jaxlm.hf import families, importer  # noqa: E402
-from jaxlm.mesh import make_mesh  # noqa: E402
-from jaxlm.model import Transformer  # noqa: E402
+from jaxlm.model.transformer import Transformer  # noqa: E402
 
 BASE = ModelConfig(dtype="float32", attention="xla")
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 12))
@@ -130,7 +130,7 @@ def test_gpt2_kv_cache_decoding_equals_transformers_greedy(tmp_path):
     import torch
 
     from hf_models import make_model
-    from jaxlm.generate import Generator, SamplingConfig
+    from jaxlm.inference.generate import Generator, SamplingConfig
 
     directory = str(tmp_path / "gpt2")
     hf_model = make_model("gpt2")
@@ -167,8 +167,8 @@ def test_imported_compute_dtype_is_float32_on_cpu_unless_chosen(tmp_path, caplog
     import torch
 
     from hf_models import make_model, save_tokenizer
-    from jaxlm import overrides
-    from jaxlm.config import is_default
+    from jaxlm.core import overrides
+    from jaxlm.core.config import is_default
 
     directory = str(tmp_path / "bf16")
     make_model("llama").to(torch.bfloat16).save_pretrained(directory)
@@ -198,7 +198,7 @@ def test_imported_compute_dtype_is_float32_on_cpu_unless_chosen(tmp_path, caplog
 
 SAFE_PLATFORM = """
 from jax._src import xla_bridge
-from jaxlm.config import DistributedConfig
+from jaxlm.core.config import DistributedConfig
 from jaxlm.hf.families import safe_platform
 multi = DistributedConfig(coordinator_address="localhost:1", num_processes=2, process_id=0)
 print(safe_platform(multi), xla_bridge.backends_are_initialized(), safe_platform(), xla_bridge.backends_are_initialized())

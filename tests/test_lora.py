@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm import lora as lora_lib, optim, sharded_init
-from jaxlm.config import ConfigError, LoraConfig, MeshConfig
-from jaxlm.mesh import make_mesh
-from jaxlm.model import Transformer
-from jaxlm.sharding import global_batch
-from jaxlm.quantize import NF4_LEVELS
+from jaxlm.core import sharded_init
+from jaxlm.core.config import ConfigError, LoraConfig, MeshConfig
+from jaxlm.core.mesh import make_mesh
+from jaxlm.core.sharding import global_batch
+from jaxlm.model import lora as lora_lib
+from jaxlm.model.quantize import NF4_LEVELS
+from jaxlm.model.transformer import Transformer
+from jaxlm.training import optim
 from jaxlm.training.objectives import next_token
 from jaxlm.training.step import make_step
 
@@ -137,7 +139,7 @@ QLORA = {fmt: LoraConfig(targets=TARGETS, rank=4, quantize=fmt, block_size=16) f
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 def test_qlora_base_codes_and_scales_shard_like_their_weights(fmt):
-    from jaxlm.quantize import QuantizedArray
+    from jaxlm.model.quantize import QuantizedArray
 
     config = small_config()
     _, lo, tx = _setup(config, QLORA[fmt])
@@ -190,7 +192,7 @@ def _lora_logits(lo, base, adapters, config):
 
 @pytest.mark.parametrize("fmt", ["jaxlm", "peft"])
 def test_initial_adapters_continue_from_saved_or_peft_adapters(fmt, tmp_path):
-    from jaxlm import peft as peft_lib
+    from jaxlm.hf import peft as peft_lib
 
     config = small_config()
     # Saved with alpha 8, continued with alpha 16: B is halved, so the model is the same.
@@ -237,7 +239,7 @@ def test_bad_targets_are_config_errors():
 @pytest.mark.parametrize("fmt, bound", [pytest.param("int8", 1 / 254, marks=pytest.mark.slow),
                                         ("nf4", float(np.diff(NF4_LEVELS).max()) / 2)])
 def test_qlora_base_within_quantization_error_and_finetuning_lowers_the_loss(fmt, bound):
-    from jaxlm.quantize import block_size_for, nbytes
+    from jaxlm.model.quantize import block_size_for, nbytes
 
     config = small_config(d_model=64, mlp_dim=128)
     q_config = LoraConfig(targets=("attn/(q|v)$",), rank=4, quantize=fmt, block_size=32)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm import attention, overrides
-from jaxlm.config import ConfigError
-from jaxlm.layers import rope_frequencies
-from jaxlm.model import Transformer, count_params, stack_layers, unstack_layers
-from jaxlm.sharded_init import abstract_params
+from jaxlm.core import overrides
+from jaxlm.core.config import ConfigError
+from jaxlm.core.sharded_init import abstract_params
+from jaxlm.model import attention
+from jaxlm.model.layers import rope_frequencies
+from jaxlm.model.transformer import Transformer, count_params, stack_layers, unstack_layers
 from jaxlm.training.objectives import next_token
 
 
@@ -143,8 +144,8 @@ def test_llama3_rope_scaling_matches_reference_formula():
     ("llama3_8b", 8_030_261_248), ("llama3_1b", 1_235_814_400), ("qwen2_0_5b", 494_032_768),
 ])
 def test_full_size_presets_build_through_eval_shape(preset, published):
-    from jaxlm.mesh import make_mesh
-    from jaxlm.sharding import tree_shardings
+    from jaxlm.core.mesh import make_mesh
+    from jaxlm.core.sharding import tree_shardings
 
     config = overrides.load([preset])
     model = Transformer(config.model)

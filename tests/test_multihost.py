@@ -19,8 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxlm import distributed
-from jaxlm.config import ConfigError, DistributedConfig
+from jaxlm.core import distributed
+from jaxlm.core.config import ConfigError, DistributedConfig
 
 SMALL = ["tiny", "model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
          "model.mlp_dim=128", "model.vocab_size=512", "model.max_seq_len=64", "train.seq_len=64",
@@ -227,7 +227,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path, cache_d
 # --- preemption and hangs (single process, fast) -----------------------------------------------------
 
 def test_watchdog_reports_a_hung_step_with_step_and_host():
-    from jaxlm.watchdog import Watchdog
+    from jaxlm.training.watchdog import Watchdog
 
     reports = []
     dog = Watchdog(0.4, process_index=1, process_count=2, on_hang=reports.append, poll_s=0.02).start()
@@ -247,7 +247,7 @@ def test_watchdog_reports_a_hung_step_with_step_and_host():
 
 
 def test_step_boundary_stop_and_time_based_checkpoint():
-    from jaxlm.preemption import StepBoundary, StopRequest
+    from jaxlm.training.preemption import StepBoundary, StopRequest
 
     stop = StopRequest()
     boundary = StepBoundary(stop, every_minutes=0.5 / 60, sync_every=1, agreement=None)  # 0.5 s
@@ -264,8 +264,8 @@ def test_step_boundary_stop_and_time_based_checkpoint():
 def test_temporary_checkpoint_is_kept_until_the_next_one_is_complete(tmp_path):
     import jax.numpy as jnp
 
-    from jaxlm.checkpoint import Checkpointer
-    from jaxlm.config import CheckpointConfig
+    from jaxlm.core.config import CheckpointConfig
+    from jaxlm.training.checkpoint import Checkpointer
 
     state = {"w": jnp.arange(4.0)}
     ckpt = Checkpointer(str(tmp_path), CheckpointConfig(keep_last=5))

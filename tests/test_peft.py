@@ -10,11 +10,13 @@ import pytest
 pytest.importorskip("peft")
 
 from hf_models import save_model  # noqa: E402
-from jaxlm import lora as lora_lib, peft as peft_lib, sharded_init  # noqa: E402
-from jaxlm.config import ConfigError, LoraConfig, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core import sharded_init  # noqa: E402
+from jaxlm.core.config import ConfigError, LoraConfig, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core.mesh import make_mesh  # noqa: E402
 from jaxlm.hf import families, importer  # noqa: E402
-from jaxlm.mesh import make_mesh  # noqa: E402
-from jaxlm.model import Transformer  # noqa: E402
+from jaxlm.hf import peft as peft_lib  # noqa: E402
+from jaxlm.model import lora as lora_lib  # noqa: E402
+from jaxlm.model.transformer import Transformer  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 12))
 
@@ -108,7 +110,7 @@ def test_finetune_from_hf_then_peft_export_and_merged_export_match(tmp_path, cap
 
     from hf_models import WORDS, hf_logits, save_tokenizer
     from jaxlm import cli
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     hf_dir = save_model("llama", str(tmp_path / "hf"))
     save_tokenizer(hf_dir)

@@ -9,10 +9,11 @@ import pytest
 from conftest import replace, small_config
 
 from jaxlm import cli
-from jaxlm.attention import make_mask
-from jaxlm.config import ConfigError, PrepareConfig
-from jaxlm.data import corpus, pipeline, prepare
+from jaxlm.core.config import ConfigError, PrepareConfig
+from jaxlm.data import corpus, pipeline
 from jaxlm.data.packing import ConcatSplitRows, DocStore, FirstFitRows, first_fit
+from jaxlm.data.prepare import run as prepare
+from jaxlm.model.attention import make_mask
 
 
 def _docs(lengths, seed=0):

@@ -16,9 +16,11 @@ import jax
 import pytest
 from conftest import small_config
 
-from jaxlm import mesh as mesh_lib, optim, overrides, plan, plan_memory, sharded_init
-from jaxlm.config import ConfigError
-from jaxlm.model import Transformer
+from jaxlm.core import mesh as mesh_lib, overrides, sharded_init
+from jaxlm.core.config import ConfigError
+from jaxlm.model.transformer import Transformer
+from jaxlm.planning import plan, memory as plan_memory
+from jaxlm.training import optim
 
 # Compile-only TPU use: quiet libtpu's host probing, and let several test processes load it.
 for key, value in (("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("TPU_WORKER_HOSTNAMES", "localhost"),

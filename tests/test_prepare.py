@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from jaxlm import cli
-from jaxlm.config import ConfigError, PrepareConfig
-from jaxlm.data import corpus, dedup, filters, normalize, pii, prepare, readers, shards
-from jaxlm.data.decontaminate import Decontaminator
-from jaxlm.data.units import units
+from jaxlm.core.config import ConfigError, PrepareConfig
+from jaxlm.data import corpus, readers, shards
+from jaxlm.data.prepare import dedup, filters, normalize, pii, run as prepare
+from jaxlm.data.prepare.decontaminate import Decontaminator
+from jaxlm.data.prepare.units import units
 
 C = PrepareConfig()
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm import quantize as Q
-from jaxlm.config import ConfigError
-from jaxlm.model import Transformer
+from jaxlm.core.config import ConfigError
+from jaxlm.model import quantize as Q
+from jaxlm.model.transformer import Transformer
 
 X = jax.random.normal(jax.random.key(0), (3, 64, 96)) * 0.02
 
@@ -85,8 +85,8 @@ def test_bad_formats_are_clear_errors():
 def test_boxed_weights_quantize_to_boxed_codes_and_sharded_quantization_matches():
     """Codes and scales keep the weight's logical names (the block axis takes the last axis's), so they
     shard like the weight; `quantize_sharded` gives the same values as plain `quantize_params`."""
-    from jaxlm.config import MeshConfig
-    from jaxlm.mesh import make_mesh
+    from jaxlm.core.config import MeshConfig
+    from jaxlm.core.mesh import make_mesh
 
     model = Transformer(small_config().model)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])

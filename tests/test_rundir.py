@@ -6,8 +6,8 @@ import os
 import pytest
 
 from jaxlm import cli
-from jaxlm.config import ConfigError
 from jaxlm.core import rundir
+from jaxlm.core.config import ConfigError
 
 SMALL = ["tiny", "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
          "model.mlp_dim=64", "model.vocab_size=384", "model.max_seq_len=32", "train.seq_len=32",

@@ -18,7 +18,7 @@ import pytest
 from conftest import replace, small_config
 
 from jaxlm import cli
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 from jaxlm.data import corpus, pipeline, prepared, tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("seqio") is None,
@@ -188,7 +188,8 @@ def test_seqio_task_does_not_combine_with_prepared(tasks, tmp_path):
 
 
 def test_tensorflow_is_not_imported_unless_seqio_is_used():
-    code = ("import sys\nfrom jaxlm import cli, train\nfrom jaxlm.data import pipeline, prepare\n"
+    code = ("import sys\nfrom jaxlm import cli\nfrom jaxlm.training import pretrain\nfrom jaxlm.data import pipeline\n"
+            "from jaxlm.data.prepare import run\n"
             "try:\n    cli.main(['data', 'from-seqio', '--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'seqio', 'tensorflow_text')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from jaxlm import chat, cli, finetune, sft
-from jaxlm.config import ConfigError
-from jaxlm.model import Transformer
+from jaxlm import cli
+from jaxlm.core.config import ConfigError
+from jaxlm.data import chat
+from jaxlm.model.transformer import Transformer
+from jaxlm.training import finetune, sft
 from jaxlm.training.objectives import next_token
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -129,7 +131,7 @@ def test_jaxlm_finetune_sft_runs_end_to_end_and_lowers_the_loss(tmp_path, capsys
     assert after < before - 0.25, out  # held-out chats (the same three exchanges), LoRA from random weights
     assert (tmp_path / "run" / "adapters" / "adapters.safetensors").is_file()
     # The merged model is a run directory the rest of jaxlm reads.
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     run = load_run(str(tmp_path / "run"))
     assert run.step == 12 and "layers" in run.params

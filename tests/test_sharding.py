@@ -8,12 +8,13 @@ import optax
 import pytest
 from conftest import small_config
 
-from jaxlm import optim, sharded_init
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import CheckpointConfig, ConfigError, MeshConfig
-from jaxlm.mesh import make_mesh, mesh_shape
-from jaxlm.model import Transformer
-from jaxlm.sharding import global_batch
+from jaxlm.core import sharded_init
+from jaxlm.core.config import CheckpointConfig, ConfigError, MeshConfig
+from jaxlm.core.mesh import make_mesh, mesh_shape
+from jaxlm.core.sharding import global_batch
+from jaxlm.model.transformer import Transformer
+from jaxlm.training import optim
+from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.objectives import next_token
 from jaxlm.training.step import make_step
 
@@ -133,7 +134,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
 def test_splash_attention_sharded_over_the_mesh_matches_reference():
     """The shard_map wrapper around the TPU kernel (batch over fsdp, heads over tensor), interpreted on CPU."""
-    from jaxlm import attention
+    from jaxlm.model import attention
 
     rng = np.random.default_rng(0)
     q, k, v = (jax.numpy.asarray(rng.normal(size=(2, 128, 4, 64)), np.float32) for _ in range(3))

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from jaxlm.config import ConfigError
 from jaxlm.core import rundir
+from jaxlm.core.config import ConfigError
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 

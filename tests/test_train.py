@@ -15,8 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import small_config
 
-from jaxlm import optim, sharded_init
-from jaxlm.model import Transformer
+from jaxlm.core import sharded_init
+from jaxlm.model.transformer import Transformer
+from jaxlm.training import optim
 from jaxlm.training.objectives import next_token
 from jaxlm.training.step import make_step
 
@@ -97,8 +98,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, cache_dir):
 KILL_MID_SAVE = """
 import os, signal, sys
 import jax, jax.numpy as jnp
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import CheckpointConfig
+from jaxlm.core.config import CheckpointConfig
+from jaxlm.training.checkpoint import Checkpointer
 ckpt = Checkpointer(sys.argv[1], CheckpointConfig(async_save=True))
 small = {"w": jnp.full((4,), 1.0)}
 ckpt.save(1, small, {"next_index": 1}, {}, force=True)
@@ -115,8 +116,8 @@ def test_sigkill_during_async_save_restarts_from_last_complete(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     leftovers = [d for d in os.listdir(directory) if not d.isdigit()]
     assert any("tmp" in d for d in leftovers), os.listdir(directory)  # the half-written step 2 is there...
-    from jaxlm.checkpoint import Checkpointer
-    from jaxlm.config import CheckpointConfig
+    from jaxlm.core.config import CheckpointConfig
+    from jaxlm.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(directory), CheckpointConfig())
     assert ckpt.latest_step() == 1  # ...and ignored
@@ -208,8 +209,8 @@ def test_tiny_preset_learns_the_bible(tmp_path):
 
 
 def test_checkpoint_keeps_last_n_and_every_k(tmp_path):
-    from jaxlm.checkpoint import Checkpointer
-    from jaxlm.config import CheckpointConfig
+    from jaxlm.core.config import CheckpointConfig
+    from jaxlm.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig(keep_last=2, keep_every=3, async_save=True))
     for step in range(1, 8):

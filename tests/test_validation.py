@@ -17,10 +17,13 @@ import typing
 import numpy as np
 import pytest
 
-from jaxlm import cli, overrides, plan, quantize
+from jaxlm import cli
 from jaxlm.commands import args as cli_args, data as data_command
-from jaxlm.config import Config, ConfigError, ModelConfig, PrepareConfig, SamplingConfig, validate
-from jaxlm.generate import Generator
+from jaxlm.core import overrides
+from jaxlm.core.config import Config, ConfigError, ModelConfig, PrepareConfig, SamplingConfig, validate
+from jaxlm.inference.generate import Generator
+from jaxlm.model import quantize
+from jaxlm.planning import plan
 
 
 def numeric(hint) -> type | None:
@@ -88,7 +91,7 @@ def test_every_numeric_field_declares_a_bounded_range(key, kind, valid, is_tuple
 
 
 def test_defaults_and_presets_are_in_range():
-    from jaxlm.data import prepare
+    from jaxlm.data.prepare import run as prepare
 
     validate(Config())
     SamplingConfig()
@@ -154,7 +157,7 @@ def test_intervals_that_cannot_be_disabled_reject_zero(key):
 
 @pytest.mark.parametrize("key, value, is_tuple", out_of_range_cases(PREPARE_FIELDS))
 def test_prepare_setting_out_of_range_is_one_line_error(key, value, is_tuple):
-    from jaxlm.data import prepare
+    from jaxlm.data.prepare import run as prepare
 
     with pytest.raises(ConfigError) as e:
         prepare.parse_config([f"{key}={value!r}"])

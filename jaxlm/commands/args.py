@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import typing
 
-from jaxlm.config import Range, numeric_kind
+from jaxlm.core.config import Range, numeric_kind
 
 CONFIG_HELP = """\
 CONFIG words, in order:

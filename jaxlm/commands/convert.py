@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
 
 
 def from_hf(args) -> int:
-    from jaxlm import overrides
+    from jaxlm.core import overrides
     from jaxlm.hf import importer
 
     config = importer.convert(args.hf_dir, args.out, overrides.load(args.config) if args.config else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaxlm.commands.args import Parser, like
-from jaxlm.config import ConfigError, PrepareConfig, TrainConfig
+from jaxlm.core.config import ConfigError, PrepareConfig, TrainConfig
 
 
 def add_parser(subparsers) -> None:
@@ -29,7 +29,7 @@ def prepare_parser() -> argparse.ArgumentParser:
         prog="jaxlm data prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Normalise, filter, scrub PII, deduplicate (exact and MinHash), decontaminate and tokenize "
                     "raw .txt/.jsonl/.parquet files into ArrayRecord shards plus manifest.json. A re-run resumes.\n"
-                    "Settings are field=value words (see PrepareConfig in jaxlm/config.py), e.g.\n"
+                    "Settings are field=value words (see PrepareConfig in jaxlm/core/config.py), e.g.\n"
                     "  jaxlm data prepare 'raw/*.jsonl' --out data/web text_field=content vocab_size=16000 \\\n"
                     "      languages='(\"en\",\"zh\")' minhash_threshold=0.7 decontaminate='(\"evals/*.jsonl\",)'",
     )
@@ -65,7 +65,7 @@ def _add_from_seqio(data) -> None:
 
 
 def prepare(args) -> int:
-    from jaxlm.data import prepare as preparer
+    from jaxlm.data.prepare import run as preparer
 
     if args.show_help or not args.argv:
         prepare_parser().print_help()

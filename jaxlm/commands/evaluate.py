@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxlm.commands.args import COUNT, QUANT_FORMATS, STEP, like
-from jaxlm.config import ConfigError, LoraConfig, SamplingConfig
+from jaxlm.core.config import ConfigError, LoraConfig, SamplingConfig
 
 
 def add_parser(subparsers) -> None:
@@ -34,7 +34,7 @@ def run(args) -> int:
     import json
 
     from jaxlm.evaluation import runner
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     for task in args.task:  # before loading anything, so that a typo costs nothing
         runner.check_task(task)

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from jaxlm import overrides
+    from jaxlm.core import overrides
 
     config = overrides.load(args.config)
     if config.task == "pretrain":  # the finetune command defaults to SFT
@@ -42,7 +42,7 @@ def run(args) -> int:
 
 def run_config(config) -> int:
     """Finetunes (task=sft|dpo) and reports: `jaxlm finetune`, and `jaxlm train` given a finetuning config."""
-    from jaxlm import finetune as finetuner
+    from jaxlm.training import finetune as finetuner
 
     summaries.print_finetune(finetuner.finetune(config))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from jaxlm.commands.args import QUANT_FORMATS, STEP, like
-from jaxlm.config import ConfigError, SamplingConfig
+from jaxlm.core.config import ConfigError, SamplingConfig
 
 
 def add_parser(subparsers) -> None:
@@ -44,8 +44,8 @@ def _read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from jaxlm.generate import Generator, check_stops, complete_tokens
-    from jaxlm.inference import load_run
+    from jaxlm.inference.generate import Generator, check_stops, complete_tokens
+    from jaxlm.inference.load import load_run
 
     texts = _read_prompts(args)
     loaded = load_run(args.run_dir, args.step, quantize=args.quantize)
@@ -53,7 +53,7 @@ def run(args) -> int:
     check_stops(tok, args.stop)
     stops = list(args.stop)
     if args.chat:  # each prompt is one user turn, rendered with the run's chat template (ChatML if it has none)
-        from jaxlm import chat
+        from jaxlm.data import chat
 
         template = chat.load(args.chat_template or "", model_dir=loaded.directory)
         rendered = [template.render([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
@@ -78,7 +78,7 @@ def run(args) -> int:
 
 def _stream(generator, tok, prompts, stops) -> None:
     """Prints one prompt's completion as it arrives, up to EOS or a stop string."""
-    from jaxlm.generate import cut_at_stop
+    from jaxlm.inference.generate import cut_at_stop
 
     output, shown = [], ""
     for tokens in generator.stream(prompts):

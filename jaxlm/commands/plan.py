@@ -35,7 +35,8 @@ def run(args) -> int:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip is ever opened
-    from jaxlm import overrides, plan
+    from jaxlm.core import overrides
+    from jaxlm.planning import plan
 
     config = overrides.load(args.config)
     target = plan.parse_target(args.target, args.slices)

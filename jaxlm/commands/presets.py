@@ -9,7 +9,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from jaxlm import overrides
+    from jaxlm.core import overrides
 
     print("\n".join(overrides.list_presets()))
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxlm.commands.args import COUNT, QUANT_FORMATS, STEP, like
-from jaxlm.config import LoraConfig
+from jaxlm.core.config import LoraConfig
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from jaxlm.evaluation import quantization, runner
-    from jaxlm.inference import load_run
+    from jaxlm.inference.load import load_run
 
     loaded = load_run(args.run_dir, args.step)
     texts = runner.heldout_texts(loaded.config)[: args.limit]

@@ -1,5 +1,5 @@
-"""What the training commands print from the typed summaries that train.train (RunSummary) and
-finetune.finetune (FinetuneSummary) return: both start with the same lines."""
+"""What the training commands print from the typed summaries that training.pretrain.train (RunSummary)
+and training.finetune.finetune (FinetuneSummary) return: both start with the same lines."""
 
 from __future__ import annotations
 

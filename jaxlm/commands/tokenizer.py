@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxlm.commands.args import COUNT, like
-from jaxlm.config import ConfigError, PrepareConfig
+from jaxlm.core.config import ConfigError, PrepareConfig
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
 def train(args) -> int:
     import time
 
-    from jaxlm.data import normalize, readers, tokenizer
+    from jaxlm.data import readers, tokenizer
+    from jaxlm.data.prepare import normalize
 
     c = PrepareConfig(text_field=args.text_field)
     paths = readers.expand(args.inputs)

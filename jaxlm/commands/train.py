@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from jaxlm import overrides
+    from jaxlm.core import overrides
 
     config = overrides.load(args.config)  # before importing the trainer (and JAX): a bad config costs nothing
     if config.model.init_from:  # show the model shape the starting checkpoint sets
@@ -31,7 +31,7 @@ def run(args) -> int:
         return 0
     if config.task != "pretrain":  # task=sft / task=dpo in a config: the finetuning entry point
         return finetune.run_config(config)
-    from jaxlm import train
+    from jaxlm.training import pretrain as train
 
     summaries.print_pretrain(train.train(config))
     return 0

@@ -8,14 +8,14 @@
 <run>/checkpoints/<step>/      Orbax checkpoints (the model that generate, eval and export read)
 <run>/train_state/<step>/      LoRA runs: adapters, their optimizer state, step and RNG
 <run>/adapters/                LoRA runs: the finished adapters (safetensors)
-<run>/metrics.jsonl, events    training metrics (jaxlm.metrics)
+<run>/metrics.jsonl, events    training metrics (jaxlm.training.metrics)
 """
 
 from __future__ import annotations
 
 import os
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 
 CONFIG = "config.json"
 SEGMENTS = "configs"  # one resolved config per segment of the run: configs/<first step>.json

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Iterator
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 
 
 def bible_path() -> str:

@@ -26,7 +26,7 @@ import grain
 import jax
 import numpy as np
 
-from jaxlm.config import ConfigError, Config
+from jaxlm.core.config import ConfigError, Config
 from jaxlm.data import corpus, packing, prepared, tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import os
 import grain
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 from jaxlm.data import shards, tokenizer as tokenizer_lib
 from jaxlm.data.packing import DocStore
 

@@ -13,7 +13,7 @@ import json
 import os
 from typing import BinaryIO, Iterator
 
-from jaxlm.config import ConfigError, PrepareConfig
+from jaxlm.core.config import ConfigError, PrepareConfig
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 

@@ -37,9 +37,10 @@ import re
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm.config import Config, ConfigError
 from jaxlm.core import atomic, rundir
-from jaxlm.data import prepare, shards, tokenizer as tokenizer_lib
+from jaxlm.core.config import Config, ConfigError
+from jaxlm.data import shards, tokenizer as tokenizer_lib
+from jaxlm.data.prepare import run as prepare
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
 
-from jaxlm.config import ConfigError
 from jaxlm.core import atomic, rundir
+from jaxlm.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from jaxlm.generate import Generator, SamplingConfig, complete
-from jaxlm.scoring import Scorer, encode_pair
+from jaxlm.inference.generate import Generator, SamplingConfig, complete
+from jaxlm.inference.scoring import Scorer, encode_pair
 
 
 @register_model("jaxlm")
 class JaxlmLM(LM):
     def __init__(self, run_dir: str | None = None, step: int | None = None, quantize: str | None = None,
                  batch_size: int | str = 8, max_gen_toks: int = 256, loaded=None, **_unused):
-        """Loads `run_dir` (or takes an already loaded `jaxlm.inference.LoadedRun` as `loaded`)."""
+        """Loads `run_dir` (or takes an already loaded `jaxlm.inference.load.LoadedRun` as `loaded`)."""
         super().__init__()
         if loaded is None:
-            from jaxlm.inference import load_run
+            from jaxlm.inference.load import load_run
 
             loaded = load_run(run_dir, None if step is None else int(step), quantize=quantize or None)
         self.run = loaded

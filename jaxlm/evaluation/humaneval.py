@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 from jaxlm.evaluation.sandbox import run_python
 
 # A completion ends where the next top-level statement would begin (the usual HumanEval stop set).

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.scoring import Scorer, encode_pair
+from jaxlm.inference.scoring import Scorer, encode_pair
 
 
 def load_task(path: str) -> list[dict]:

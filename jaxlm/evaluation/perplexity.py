@@ -11,7 +11,7 @@ import math
 from tqdm import tqdm
 
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.scoring import Scorer
+from jaxlm.inference.scoring import Scorer
 
 
 def perplexity(scorer: Scorer, tokenizer: Tokenizer, texts: list[str], progress: bool = True) -> dict[str, float]:

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import quantize as quantize_lib
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.evaluation.perplexity import perplexity
-from jaxlm.scoring import Scorer
+from jaxlm.inference.scoring import Scorer
+from jaxlm.model import quantize as quantize_lib
 
 
 def logits_difference(model, params, quantized, tokens: np.ndarray) -> dict[str, float]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 
-from jaxlm.config import Config, ConfigError
+from jaxlm.core.config import Config, ConfigError
 from jaxlm.data import corpus
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.evaluation import humaneval, multiple_choice, perplexity
-from jaxlm.generate import Generator, SamplingConfig, complete
-from jaxlm.scoring import Scorer
+from jaxlm.inference.generate import Generator, SamplingConfig, complete
+from jaxlm.inference.scoring import Scorer
 
 
 def heldout_texts(config: Config) -> list[str]:

@@ -15,8 +15,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxlm.config import ConfigError, ModelConfig
 from jaxlm.core import rundir
+from jaxlm.core.config import ConfigError, ModelConfig
 from jaxlm.hf import families, tensors, tokenizer as hf_tokenizer
 from jaxlm.hf.families import TensorMap
 from jaxlm.hf.importer import HF_CONFIG_FILE
@@ -81,8 +81,8 @@ def _sentencepiece_tokenizer_config(tok) -> dict:
 def export(run_dir: str, out: str, dtype: str = "float32", step: int | None = None,
            max_shard_bytes: int = 5 << 30) -> str:
     """Writes the run's checkpoint (`step`, default the latest) as a Hugging Face model directory `out`."""
-    from jaxlm.inference import load_run
     from jaxlm.core.atomic import write_json as write_json_atomic
+    from jaxlm.inference.load import load_run
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")

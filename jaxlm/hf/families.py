@@ -14,7 +14,7 @@ import math
 
 import jax
 
-from jaxlm.config import ConfigError, DistributedConfig, ModelConfig, is_default
+from jaxlm.core.config import ConfigError, DistributedConfig, ModelConfig, is_default
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def safe_platform(distributed: DistributedConfig = DistributedConfig()) -> str:
     start, which must come first: there it is JAX_PLATFORMS's first entry, else taken to be an accelerator."""
     from jax._src import xla_bridge  # no public way to ask whether a backend has started
 
-    from jaxlm.distributed import detect
+    from jaxlm.core.distributed import detect
 
     if xla_bridge.backends_are_initialized() or detect(distributed).method == "single":
         return jax.default_backend()

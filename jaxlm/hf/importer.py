@@ -19,14 +19,13 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from jaxlm import mesh as mesh_lib, sharded_init
-from jaxlm.config import Config, ConfigError, ModelConfig, validate
-from jaxlm.core import atomic, rundir
+from jaxlm.core import atomic, mesh as mesh_lib, rundir, sharded_init
+from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
+from jaxlm.core.sharding import tree_shardings
 from jaxlm.hf import families, tokenizer as hf_tokenizer
 from jaxlm.hf.families import TensorMap
 from jaxlm.hf.tensors import SafetensorsDir, few
-from jaxlm.model import Transformer
-from jaxlm.sharding import tree_shardings
+from jaxlm.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def open_checkpoint(hf_dir: str, c: ModelConfig) -> SafetensorsDir:
 
 
 def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) -> dict:
-    """The model's parameters from `hf_dir`, each array on its target sharding (jaxlm.sharding rules)."""
+    """The model's parameters from `hf_dir`, each array on its target sharding (jaxlm.core.sharding rules)."""
     ckpt = open_checkpoint(hf_dir, c)
     model = Transformer(c, "xla")
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
@@ -171,9 +170,9 @@ def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) 
 def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
     """Writes a jaxlm run directory at `out` (config.json, an Orbax checkpoint at step 0, the tokenizer and
     chat template) that `jaxlm generate`, `jaxlm train OUT/config.json` and export read."""
-    from jaxlm.checkpoint import Checkpointer
-    from jaxlm.overrides import to_dict
+    from jaxlm.core.overrides import to_dict
     from jaxlm.training import assembly
+    from jaxlm.training.checkpoint import Checkpointer
 
     hf_dir, out = os.path.abspath(os.path.expanduser(hf_dir)), os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and os.listdir(out):

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from jaxlm.config import ConfigError
+from jaxlm.core.config import ConfigError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

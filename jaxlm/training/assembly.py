@@ -23,18 +23,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import attention, distributed, flops, lora as lora_lib, optim, sharded_init
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import Config, ConfigError
+from jaxlm.core import distributed, flops, sharded_init
+from jaxlm.core.config import Config, ConfigError
+from jaxlm.core.sharding import batch_divisor
 from jaxlm.core.train_state import TrainState
-from jaxlm.metrics import MetricsWriter
-from jaxlm.model import Transformer
-from jaxlm.preemption import StepBoundary, StopRequest
-from jaxlm.sharding import batch_divisor
-from jaxlm.training import hooks, objectives
+from jaxlm.model import attention, lora as lora_lib
+from jaxlm.model.transformer import Transformer
+from jaxlm.training import hooks, objectives, optim
+from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.loop import Loop, LoopResult
+from jaxlm.training.metrics import MetricsWriter
+from jaxlm.training.preemption import StepBoundary, StopRequest
 from jaxlm.training.step import make_step
-from jaxlm.watchdog import Watchdog
+from jaxlm.training.watchdog import Watchdog
 
 log = logging.getLogger("jaxlm.train")
 
@@ -92,7 +93,7 @@ def initial_state(spec: ModelSpec, abstract: TrainState, mesh, base_params=None)
     else:
         state = sharded_init.materialize(spec.init, abstract, keep=lambda s: without_base(s, lo))
         if lo is not None and c.quantize != "none":  # under jit: each code and scale is made on its shards
-            from jaxlm.quantize import quantize_sharded
+            from jaxlm.model.quantize import quantize_sharded
 
             base_params = quantize_sharded(base_params, c.quantize, c.block_size, boxed_params(spec.model), mesh)
         target = abstract.params if lo is None else abstract.params["base"]
@@ -161,7 +162,7 @@ def objective(config: Config, spec: ModelSpec, train: bool = True) -> objectives
 
 
 def _dpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
-    from jaxlm import dpo
+    from jaxlm.training import dpo
 
     return dpo.objective(apply_fn, config.finetune.beta, dropout)
 

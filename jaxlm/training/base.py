@@ -14,10 +14,10 @@ import os
 
 import jax
 
-from jaxlm.checkpoint import Checkpointer
-from jaxlm.config import Config, ConfigError, validate
 from jaxlm.core import atomic, rundir
-from jaxlm.sharding import tree_shardings
+from jaxlm.core.config import Config, ConfigError, validate
+from jaxlm.core.sharding import tree_shardings
+from jaxlm.training.checkpoint import Checkpointer
 
 # Settings of the base model that a run starting from it chooses for itself.
 COMPUTE = ("dtype", "remat", "attention", "init_from")
@@ -33,7 +33,7 @@ def directory(ref: str) -> str:
 
 
 def _run_config(run: str) -> Config:
-    from jaxlm import overrides
+    from jaxlm.core import overrides
 
     if not os.path.isfile(os.path.join(run, rundir.CONFIG)):
         raise ConfigError(f"model.init_from={run} is not a jaxlm run directory (no {rundir.CONFIG}) and has no "
@@ -72,8 +72,8 @@ def load_params(config: Config, model, mesh, progress: bool = True):
 
         return importer.load_params(directory(ref), dataclasses.replace(config.model, init_from=""), mesh,
                                     progress=progress)
+    from jaxlm.core import sharded_init
     from jaxlm.training.assembly import boxed_params
-    from jaxlm import sharded_init
 
     run = directory(ref)
     saved = _run_config(run)

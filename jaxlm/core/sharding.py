@@ -1,0 +1,111 @@
+"""The one logical-axis rule table, and the translation from logical names to mesh shardings.
+
+Models name array dimensions logically ("embed", "mlp", "activation_batch"); this table alone decides
+which mesh axes those names are split over. Parameters use plain names, activations the
+`activation_` prefix, so that a weight's embed dimension can be fsdp-sharded while the activations'
+embed dimension is not.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Parameters.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("expert", "expert"),
+    # Activations.
+    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes a dimension cannot be split over evenly (e.g. 2 KV heads over tensor=4)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept, size = [], 1
+        for name in names:
+            if dim % (size * mesh.shape[name]) == 0:
+                kept.append(name)
+                size *= mesh.shape[name]
+        fitted.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return PartitionSpec(*fitted)
+
+
+def logical_sharding(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    spec = nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+    return NamedSharding(mesh, _fit(spec, shape, mesh))
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's sharding by logical names, under the mesh set with `jax.set_mesh`.
+
+    Without a mesh (plain single-device use) it does nothing.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = _fit(nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def path_str(path) -> str:
+    """"layers/attn/q" for a key path from `jax.tree_util.tree_map_with_path`."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+    """Shardings for a pytree of (possibly `nn.LogicallyPartitioned`) ShapeDtypeStructs.
+
+    Leaves without logical names (step counters, RNG keys, optimizer scalars) are replicated.
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return logical_sharding(leaf.names, leaf.value.shape, mesh)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+    return NamedSharding(mesh, PartitionSpec(axes, *(None,) * (ndim - 1)))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's rows into global arrays sharded over the batch axes.
+
+    Every process passes only its own rows; the global batch is their concatenation in process order.
+    """
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in local.items()
+    }
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))

@@ -1,0 +1,1 @@
+"""The model: layers, attention, the Transformer, LoRA adapters and int8 weight quantization. Imports only `jaxlm.core`."""

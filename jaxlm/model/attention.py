@@ -1,0 +1,165 @@
+"""Attention kernels behind one switch: XLA reference, cuDNN flash (GPU) and Pallas splash (TPU).
+
+All take q (B, T, N, H), k and v (B, S, K, H) with K dividing N (GQA/MQA), and per-token segment ids
+(B, T) for packed rows: a token attends only to earlier tokens of its own segment, and, with a sliding
+window W, only to the W most recent of those (itself included).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.core.config import ConfigError
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+    """Picks the kernel for `auto` and rejects a kernel the hardware cannot run, with the fix."""
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+    need = {"cudnn": "gpu", "splash": "tpu"}.get(impl)
+    if need and platform != need:
+        raise ConfigError(
+            f"model.attention={impl} needs a {need.upper()} but the backend is {platform}; "
+            f"use model.attention=auto or model.attention=xla"
+        )
+    return impl
+
+
+def make_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
+    """Boolean (B, 1, T, T) mask: causal, same segment, and within the window."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window:
+        allowed &= q_idx - k_idx < sliding_window
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (allowed[None] & same)[:, None]
+
+
+def _masked_attention(q, k, v, allowed, seg_q, seg_k):
+    """Softmax attention of q (B, T, N, H) over k, v (B, S, K, H); `allowed` is a (T, S) position mask."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)  # (B, T, K, G, H): query heads grouped by their KV head
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    mask = allowed[None] & (seg_q[:, :, None] == seg_k[:, None, :])  # (B, T, S)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def xla_attention(q, k, v, segment_ids, sliding_window: int = 0, max_blocks: int = 8):
+    """The reference path, in query blocks: block i only reads the keys it can see (causal, window).
+
+    Skipping the fully masked key blocks roughly halves the work of causal attention; the result is
+    the same as one masked softmax over the whole square.
+    """
+    t = q.shape[1]
+    block = max(64, -(-t // max_blocks))
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        k_start = max(0, start - sliding_window + 1) if sliding_window else 0
+        q_idx = jnp.arange(start, end)[:, None]
+        k_idx = jnp.arange(k_start, end)[None, :]
+        allowed = k_idx <= q_idx
+        if sliding_window:
+            allowed &= q_idx - k_idx < sliding_window
+        outs.append(_masked_attention(
+            q[:, start:end], k[:, k_start:end], v[:, k_start:end], allowed,
+            segment_ids[:, start:end], segment_ids[:, k_start:end],
+        ))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def cached_attention(q, k_cache, v_cache, slot, valid, sliding_window: int = 0):
+    """Queries at cache slots slot..slot+T-1 attend over the whole (B, S, K, H) cache.
+
+    A key is visible if its slot holds a token (`valid`, (B, S)), is not after the query's slot, and (with a
+    window) is within the window. Prompts are left-padded, so slot distance equals position distance.
+    """
+    t, s = q.shape[1], k_cache.shape[1]
+    q_slot = slot + jnp.arange(t)[:, None]
+    k_slot = jnp.arange(s)[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window:
+        allowed &= q_slot - k_slot < sliding_window
+    ones = jnp.ones(q.shape[:2], jnp.int32)
+    return _masked_attention(q, k_cache, v_cache, allowed, ones, valid.astype(jnp.int32))
+
+
+def cudnn_attention(q, k, v, segment_ids, sliding_window: int = 0):
+    # cuDNN skips the masked-out causal blocks; the segment mask is only passed for packed rows.
+    window = (sliding_window - 1, 0) if sliding_window else None
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=make_mask(segment_ids, 0), is_causal=True, local_window_size=window,
+        implementation="cudnn",
+    )
+
+
+def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, interpret: bool = False):
+    """Pallas splash attention. Runs on TPU; `interpret=True` runs the same kernel on CPU for tests.
+
+    Called per device (inside shard_map or on a single device), with whole sequences on each device.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    groups = n // kv
+    if sliding_window:
+        mask = masks.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0)
+    else:
+        mask = masks.CausalMask((t, t))
+    kernel = splash.make_splash_mqa_single_device(
+        masks.MultiHeadMask([mask] * groups), interpret=interpret
+    )
+    q = q.transpose(0, 2, 1, 3).reshape(b, kv, groups, t, h) * (h**-0.5)  # kernel does not scale
+    k = k.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    v = v.transpose(0, 2, 1, 3)
+    ids = segment_ids.astype(jnp.int32)
+
+    def one(q_g, k_g, v_g, seg):  # q_g (G, T, H); k_g, v_g (S, H); seg (T,)
+        return kernel(q_g, k_g, v_g, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+
+    per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_kv_head, in_axes=(0, 0, 0, 0))(q, k, v, ids)  # (B, K, G, T, H)
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+def attend(q, k, v, segment_ids, *, impl: str, sliding_window: int = 0, interpret: bool = False):
+    """`interpret` runs the splash kernel through the Pallas interpreter (CPU tests)."""
+    if impl == "xla":
+        return xla_attention(q, k, v, segment_ids, sliding_window)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, sliding_window)
+    if impl == "splash":
+        return _sharded_splash(q, k, v, segment_ids, sliding_window, interpret)
+    raise ConfigError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _sharded_splash(q, k, v, segment_ids, sliding_window, interpret=False):
+    """Runs splash per device: batch over the batch axes, heads over tensor, full sequence local."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxlm.core.sharding import BATCH_AXES
+
+    fn = functools.partial(splash_attention, sliding_window=sliding_window, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, segment_ids)
+    batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1) or None
+    heads = "tensor" if mesh.shape["tensor"] > 1 and k.shape[2] % mesh.shape["tensor"] == 0 else None
+    qkv_spec = P(batch, None, heads, None)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)), out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)

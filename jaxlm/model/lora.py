@@ -1,0 +1,309 @@
+"""LoRA through parameter masks: low-rank adapters beside a frozen base.
+
+The trainable params are `{"base": model params, "lora": adapters}`. An adapter for a weight W of shape
+(*L, *in, *out) is A (*L, *in, r) and B (*L, r, *out) (*L is the scanned layer axis, when there is one),
+with the weight's logical axis names, so it shards with W. `Lora.apply` places A and (alpha / r) * B
+beside W in the model's params (`{name}_lora_a`, `{name}_lora_b`); `layers.weight` then returns a
+`LowRank` and `layers.dense` computes x @ W + (x @ A) @ B, so no gradient of the full W is ever formed.
+Scanned layers slice the adapters with the weights, and a quantized W (QLoRA: a
+`jaxlm.model.quantize.QuantizedArray`, whose codes and scales keep W's logical axis names and so shard like W) is
+dequantized as usual. The base is frozen twice: `stop_gradient` here and `optim.build_optimizer`'s
+trainable mask (so the base holds no optimizer state).
+
+Dropout drops whole rank components (per layer, rows of A) with probability `dropout` during training and
+rescales the rest; PEFT's dropout on the adapter's input would need a mask per activation instead.
+`merge` folds the adapters into W (for saving a plain model and for export). `initial_adapters` reads
+adapters to continue finetuning from (`lora.init_from`): jaxlm's own (`save_adapters`) or a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.core.config import ConfigError, LoraConfig, ModelConfig
+from jaxlm.core.sharding import path_str
+from jaxlm.model.layers import LORA_A, LORA_B
+from jaxlm.model.quantize import is_quantized, quantize_params
+
+ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapters.json"
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+class Target:
+    """One adapted weight: where it is, how its axes split into (layers, inputs, outputs), and their names."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], names: tuple):
+        self.path = path
+        lead = 1 if names and names[0] == "layers" else 0
+        core = names[lead:]
+        if "vocab" in core or "norm" in core:
+            raise ConfigError(f"lora.targets matches {path}: embeddings and the output head cannot take LoRA; "
+                              f"narrow the regex (e.g. 'attn/(q|v)$')")
+        if core[0] == "embed":
+            n_in = 1
+        elif core[-1] == "embed":
+            n_in = len(core) - 1
+        else:
+            raise ConfigError(f"lora.targets matches {path} (axes {core}), which is not a projection; narrow the regex")
+        self.lead, self.n_in = lead, n_in
+        self.lead_shape = shape[:lead]
+        self.in_shape = shape[lead:lead + n_in]
+        self.out_shape = shape[lead + n_in:]
+        self.lead_names, self.in_names, self.out_names = names[:lead], core[:n_in], core[n_in:]
+
+    def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """A @ B in the weight's own shape (*L, *in, *out)."""
+        k, m = int(np.prod(self.in_shape)), int(np.prod(self.out_shape))
+        a2 = a.reshape(*self.lead_shape, k, a.shape[-1])
+        b2 = b.reshape(*self.lead_shape, b.shape[self.lead], m)
+        return (a2 @ b2).reshape(*self.lead_shape, *self.in_shape, *self.out_shape)
+
+
+def find_targets(boxed_params, config: LoraConfig) -> dict[str, Target]:
+    """The weights whose path matches any of `config.targets` (searched, e.g. "attn/(q|v)$")."""
+    patterns = [re.compile(p) for p in config.targets]
+    targets = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]:
+        p = path_str(path)
+        if any(c.search(p) for c in patterns):
+            names = leaf.names if _is_box(leaf) else (None,) * len(leaf.shape)
+            value = leaf.value if _is_box(leaf) else leaf
+            if len(value.shape) < 2:
+                continue  # norms and biases are not projections
+            targets[p] = Target(p, tuple(value.shape), tuple(names))
+    if not targets:
+        every = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]]
+        raise ConfigError(f"lora.targets={config.targets} matches no parameter; paths look like {', '.join(every[:8])}")
+    return targets
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
+def flatten(tree, sep: str = "/") -> dict[str, jax.Array]:
+    return {path_str(p).replace("/", sep): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class Lora:
+    """Builds adapters for a model's params and runs the model with them merged in."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig, boxed_params):
+        self.model, self.config = model, config
+        self.targets = find_targets(boxed_params, config)
+        self.scale = config.alpha / config.rank
+
+    def init(self, rng: jax.Array) -> dict:
+        """Boxed adapters: A uniform in +-1/sqrt(fan_in) (as PEFT's Kaiming init), B zero, so the start is the base."""
+        r, flat = self.config.rank, {}
+        for i, (path, t) in enumerate(sorted(self.targets.items())):
+            fan_in = int(np.prod(t.in_shape))
+            a = jax.random.uniform(jax.random.fold_in(rng, i), (*t.lead_shape, *t.in_shape, r), jnp.float32,
+                                   -1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in))
+            b = jnp.zeros((*t.lead_shape, r, *t.out_shape), jnp.float32)
+            flat[path] = {
+                "a": nn.LogicallyPartitioned(a, (*t.lead_names, *t.in_names, None)),
+                "b": nn.LogicallyPartitioned(b, (*t.lead_names, None, *t.out_names)),
+            }
+        return _nest(flat)
+
+    def merge(self, base, adapters, rng: jax.Array | None = None):
+        """Base params with every target replaced by W + scale * A @ B (quantized targets dequantized first)."""
+        flat = {path: _lookup(adapters, path) for path in self.targets}
+
+        def visit(path, w):
+            p = path_str(path)
+            if p not in flat:
+                return w
+            t, ad = self.targets[p], flat[p]
+            a = self._dropped(p, t, ad["a"], rng)
+            dense = w.dequantize(jnp.float32) if is_quantized(w) else w
+            return (dense + self.scale * t.delta(a, ad["b"]).astype(dense.dtype)).astype(dense.dtype)
+
+        return jax.tree_util.tree_map_with_path(visit, base, is_leaf=is_quantized)
+
+    def _dropped(self, path: str, t: Target, a: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """A with whole rank components dropped (per layer) and the rest rescaled, when training with dropout."""
+        if rng is None or not self.config.dropout:
+            return a
+        keep = 1.0 - self.config.dropout
+        key = jax.random.fold_in(rng, sorted(self.targets).index(path))
+        kept = jax.random.bernoulli(key, keep, (*t.lead_shape, a.shape[-1]))
+        return a * (kept / keep).reshape(*t.lead_shape, *(1,) * t.n_in, -1).astype(a.dtype)
+
+    def apply(self, variables, *args, rngs=None, **kwargs):
+        """`model.apply` for params {"base", "lora"}; a "dropout" rng turns adapter dropout on."""
+        params = variables["params"]
+        flat = traverse_util.flatten_dict(jax.tree.map(jax.lax.stop_gradient, params["base"]))
+        rng = None if rngs is None else rngs.get("dropout")
+        for path, t in self.targets.items():
+            ad = _lookup(params["lora"], path)
+            *parent, name = path.split("/")
+            flat[(*parent, name + LORA_A)] = self._dropped(path, t, ad["a"], rng)
+            flat[(*parent, name + LORA_B)] = self.scale * ad["b"]
+        return self.model.apply({"params": traverse_util.unflatten_dict(flat)}, *args, **kwargs)
+
+    @staticmethod
+    def trainable(params) -> dict:
+        """The optimizer mask: adapters train, the base is frozen (and holds no optimizer state)."""
+        return {"base": jax.tree.map(lambda _: False, params["base"]),
+                "lora": jax.tree.map(lambda _: True, params["lora"])}
+
+    def make_params_fn(self, seed: int):
+        """params() -> boxed {"base", "lora"}: a random base (quantized for QLoRA) and fresh adapters."""
+        c = self.config
+
+        def params():
+            base_rng, lora_rng = jax.random.split(jax.random.key(seed))
+            base = self.model.init(base_rng, jnp.zeros((1, 8), jnp.int32))["params"]
+            if c.quantize != "none":  # boxed in, boxed out: codes and scales shard like their weights
+                base = quantize_params(base, c.quantize, c.block_size)
+            return {"base": base, "lora": self.init(lora_rng)}
+
+        return params
+
+    def abstract_params(self, seed: int = 0):
+        return _strip(jax.eval_shape(self.make_params_fn(seed)))
+
+    def make_init_fn(self, tx, seed: int):
+        """init() -> TrainState for `sharded_init.abstract_state` / `materialize`, like `sharded_init.make_init_fn`."""
+        from jaxlm.core.train_state import TrainState
+
+        params_fn = self.make_params_fn(seed)
+
+        def init():
+            params = params_fn()
+            train_rng = jax.random.fold_in(jax.random.key(seed), 1)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                              rng=jax.random.key_data(train_rng))
+
+        return init
+
+
+def _strip(tree):
+    return jax.tree.map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
+
+
+def _lookup(tree, path: str):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def save_adapters(directory: str, adapters, config: LoraConfig) -> None:
+    """Writes adapters.safetensors (keys like "layers/attn/q/a") and adapters.json, each atomically."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flatten(adapters).items()}
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as tmp:
+        pass
+    save_file(arrays, tmp.name)
+    os.replace(tmp.name, os.path.join(directory, ADAPTER_FILE))
+    meta = {"targets": list(config.targets), "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout}
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        json.dump(meta, f, indent=2)
+    os.replace(f.name, os.path.join(directory, ADAPTER_CONFIG))
+
+
+def load_adapters(directory: str, lora: Lora) -> dict:
+    """Reads adapters saved by `save_adapters`, checking that they fit `lora`'s targets and rank."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = os.path.join(directory, ADAPTER_FILE)
+    try:
+        arrays = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"cannot read LoRA adapters {path}: {e}") from None
+    expected = {f"{p}/{ab}" for p in lora.targets for ab in "ab"}
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        raise ConfigError(f"adapters in {path} do not fit lora.targets: missing {missing[:4]}, unexpected {extra[:4]}; "
+                          f"set lora.targets (and model.scan_layers) as when they were saved")
+    r = lora.config.rank
+    for p, t in lora.targets.items():
+        want = {"a": (*t.lead_shape, *t.in_shape, r), "b": (*t.lead_shape, r, *t.out_shape)}
+        for ab, shape in want.items():
+            if arrays[f"{p}/{ab}"].shape != shape:
+                raise ConfigError(f"adapter {p}/{ab} in {path} has shape {arrays[f'{p}/{ab}'].shape}, "
+                                  f"expected {shape} (check lora.rank and the model config)")
+    return _nest({k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def initial_adapters(directory: str, lora: Lora, model_config: ModelConfig, seed: int = 0) -> dict:
+    """Unboxed adapters to start finetuning from (`lora.init_from`): host float32 arrays shaped like
+    `_strip(lora.init(rng))`, read from jaxlm adapters (`save_adapters`) or a PEFT adapter directory.
+
+    The saved rank must equal lora.rank (a ConfigError names the value to set). A different alpha is
+    allowed: B is rescaled by saved_alpha / lora.alpha, so the update (alpha / r) * A @ B is unchanged.
+    Layers a PEFT adapter leaves out (zero A and B, which never train: each one's gradient is through
+    the other) get fresh A with B still zero, as `init` would give them."""
+    from jaxlm.hf import peft
+
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if os.path.isfile(os.path.join(directory, ADAPTER_FILE)):
+        meta = _read_meta(os.path.join(directory, ADAPTER_CONFIG))
+        _check_rank(meta["rank"], lora, os.path.join(directory, ADAPTER_CONFIG))
+        adapters, alpha = load_adapters(directory, lora), meta["alpha"]
+    elif os.path.isfile(os.path.join(directory, peft.CONFIG_FILE)):
+        saved, adapters = peft.import_adapters(directory, model_config)
+        _check_rank(saved.rank, lora, os.path.join(directory, peft.CONFIG_FILE))
+        found = {path_str(p)[:-2] for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+        if found != set(lora.targets):
+            raise ConfigError(f"the PEFT adapter {directory} adapts {sorted(found)[:4]} but lora.targets selects "
+                              f"{sorted(lora.targets)[:4]}; set lora.targets={saved.targets}")
+        adapters, alpha = _revive(adapters, _strip(lora.init(jax.random.key(seed))), lora), saved.alpha
+    else:
+        raise ConfigError(f"lora.init_from={directory} holds neither {ADAPTER_FILE} (jaxlm adapters) nor "
+                          f"{peft.CONFIG_FILE} (a PEFT adapter); point it at a directory with one of them")
+    factor = alpha / lora.config.alpha
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: np.asarray(x, np.float32) * (factor if path_str(p).endswith("/b") else 1.0), adapters)
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return {"rank": int(meta["rank"]), "alpha": float(meta["alpha"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read {path} (written with the adapters by lora.save_adapters): {e!r}") from None
+
+
+def _check_rank(rank: int, lora: Lora, path: str) -> None:
+    if rank != lora.config.rank:
+        raise ConfigError(f"{path} has LoRA rank {rank} but lora.rank={lora.config.rank}; set lora.rank={rank}")
+
+
+def _revive(adapters, fresh, lora: Lora) -> dict:
+    """Fresh A (from `fresh`) wherever a layer's A is all zero; B stays zero there, so the model is unchanged."""
+    flat = {}
+    for path, t in lora.targets.items():
+        ad = _lookup(adapters, path)
+        a = np.asarray(ad["a"], np.float32)
+        dead = ~np.any(a, axis=tuple(range(t.lead, a.ndim)))  # per layer of a scanned stack, else one flag
+        dead = dead.reshape(*dead.shape, *(1,) * (a.ndim - t.lead))
+        flat[path] = {"a": np.where(dead, np.asarray(_lookup(fresh, path)["a"]), a), "b": np.asarray(ad["b"])}
+    return _nest(flat)
