@@ -213,6 +213,9 @@ def test_two_process_lora_dpo_matches_one_process(tmp_path):
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
     margins = [_losses(run, "train/margin") for run in (tmp_path / "one", tmp_path / "two")]
     np.testing.assert_allclose(list(margins[1].values()), list(margins[0].values()), rtol=1e-4, atol=1e-6)
+    # Each process reads its own rows of every global batch (grain, rows p::2), so the batch's rows are summed
+    # in another order than on one process; after three Adam steps (~sign(g) where g is near 0) that rounding
+    # shows in a few elements: compare each adapter to a thousandth of its largest entry, as test_dpo does.
     a, b = _adapters(tmp_path / "one"), _adapters(tmp_path / "two")
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-3 * np.abs(a[k]).max(), err_msg=k)

@@ -32,9 +32,9 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, indent: int = 2, ensure_ascii: bool = True) -> None:
     with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=indent, ensure_ascii=ensure_ascii)
 
 
 def copy_file(src: str, dst: str) -> None:

@@ -222,7 +222,7 @@ def export_task(task, out: str, split: str, feature: str, seed: int = 0, docs_pe
                       "bos_id": tok.bos_id(), "eos_id": tok.eos_id(), "train_seconds": 0.0},
         "shards": shard_list,
     }
-    prepare._write_json(manifest_path, manifest)
+    prepare.write_json(manifest_path, manifest)
     log.info("exported seqio task %s (%s): %d documents, %d tokens -> %s", task.name, split, documents,
              manifest["tokens"], out)
     return manifest
@@ -261,7 +261,7 @@ def _export_mixture(mixture, out: str, split: str, feature: str, seed: int, docs
     total = sum(e["weight"] for e in entries)
     for e in entries:
         e["weight"] /= total
-    prepare._write_json(os.path.join(out, MIXTURE), {"mixture": mixture.name, "split": split, "feature": feature,
+    prepare.write_json(os.path.join(out, MIXTURE), {"mixture": mixture.name, "split": split, "feature": feature,
                                                      "seed": seed, "tasks": entries})
     return Export([os.path.join(out, e["folder"]) for e in entries], [e["weight"] for e in entries],
                   sum(e["documents"] for e in entries), sum(e["tokens"] for e in entries), True)

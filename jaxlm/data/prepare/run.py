@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm.core import rundir
+from jaxlm.core import atomic, rundir
 from jaxlm.core.config import ConfigError, PrepareConfig, check_fields
 from jaxlm.data import readers, shards, tokenizer as tokenizer_lib
 from jaxlm.data.prepare import decontaminate, dedup, filters, normalize, pii
@@ -40,11 +40,9 @@ STATS = os.path.join("clean", "stats.json")
 FORMAT = 1
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+def write_json(path: str, obj) -> None:
+    """Manifests and stats: compact, and readable in any script."""
+    atomic.write_json(path, obj, indent=1, ensure_ascii=False)
 
 
 def _read_json(path: str) -> dict | None:
@@ -218,7 +216,7 @@ def _clean(paths: list[str], out: str, c: PrepareConfig, key: str, workers: int,
     stats = {"key": key, "documents": kept, "chunks": chunks,
              "files": [dataclasses.asdict(s) for s in file_stats],
              "stages": {name: s.as_dict() for name, s in stages.items()}, "pii": dict(pii_counts)}
-    _write_json(os.path.join(out, STATS), stats)
+    write_json(os.path.join(out, STATS), stats)
     return stats
 
 
@@ -335,7 +333,7 @@ def prepare(inputs: list[str], out: str, c: PrepareConfig, progress: bool = True
                                                    "wall_seconds": round(wall, 4), "workers": workers}},
         "pii": stats["pii"], "files": stats["files"], "shards": shard_list,
     }
-    _write_json(os.path.join(out, MANIFEST), manifest)
+    write_json(os.path.join(out, MANIFEST), manifest)
     return manifest
 
 
