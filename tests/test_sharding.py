@@ -65,7 +65,7 @@ def test_sharded_loss_and_gradients_equal_single_device(mesh_name):
     ref = _one_step(config, "single", batch)
     got = _one_step(config, mesh_name, batch)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)  # loss
-    np.testing.assert_allclose(got[2], ref[2], rtol=1e-6)  # loss reported by train_step
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-6)  # loss reported by the train step
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got[1], ref[1])  # grads
     # Params after one Adam step. Adam divides by |g|, which amplifies float32 noise in near-zero gradients,
     # so parameters are compared to a thousandth of the step size (lr = 1e-2).

@@ -3,7 +3,7 @@
 The analytic model is exact for what is stored (parameters, optimizer state, batch: their shapes and
 shardings come from the real model, optimizer and rule table through `jax.eval_shape`, on an abstract
 mesh, so nothing is allocated or compiled). Activations, logits and gradients are counted by formula
-from the remat policy and the per-device batch. The compiled measure builds the same `train_step` that
+from the remat policy and the per-device batch. The compiled measure builds the same train step (`training.assembly`) that
 `jaxlm train` runs, for the target's devices, and asks XLA; a compile-time out-of-memory is reported
 as such.
 """
