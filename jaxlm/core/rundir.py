@@ -35,10 +35,6 @@ def tokenizer_name(path: str) -> str:
     return TOKENIZER_JSON if path.endswith(".json") else SENTENCEPIECE
 
 
-def path(run_dir: str, *names: str) -> str:
-    return os.path.join(run_dir, *names)
-
-
 def checkpoint_dir(run_dir: str, override: str = "") -> str:
     """Where a run's model checkpoints live: `checkpoint.dir` when set, else <run>/checkpoints."""
     return override or os.path.join(run_dir, CHECKPOINTS)

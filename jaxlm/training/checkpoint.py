@@ -154,10 +154,6 @@ def latest_step(directory: str) -> int | None:
     return max(steps, default=None)
 
 
-def has_checkpoint(directory: str) -> bool:
-    return latest_step(directory) is not None
-
-
 def save_params(directory: str, params, step: int, config: dict, options: CheckpointConfig, seed: int = 0) -> None:
     """A model-only checkpoint at `step` (no optimizer state), as generate, eval and export read it; kept if
     that step is already there."""

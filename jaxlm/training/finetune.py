@@ -30,7 +30,7 @@ from jaxlm.core.sharding import global_batch
 from jaxlm.data import chat, packing, pipeline, tokenizer as tokenizer_lib
 from jaxlm.model import lora as lora_lib
 from jaxlm.training import assembly, base, dpo, sft
-from jaxlm.training.checkpoint import latest_step, save_params
+from jaxlm.training.checkpoint import save_params
 from jaxlm.training.evaluate import Evaluator
 from jaxlm.training.loop import LoopResult
 from jaxlm.training.metrics import MetricsWriter
@@ -153,7 +153,7 @@ def finetune(config: Config) -> FinetuneSummary:
     run_dir = run_dir_of(config)
     model_dir = rundir.checkpoint_dir(run_dir, config.checkpoint.dir)  # what generate and export read
     ckpt_dir = os.path.join(run_dir, rundir.TRAIN_STATE) if config.lora.targets else model_dir
-    rd, changes = open_run(config, ckpt_dir)
+    rd, changes, latest = open_run(config, ckpt_dir)
     mesh = start(config)
     t, primary = config.train, jax.process_index() == 0
 
@@ -167,7 +167,6 @@ def finetune(config: Config) -> FinetuneSummary:
 
     spec = assembly.build(config)
     with jax.set_mesh(mesh):
-        latest = latest_step(ckpt_dir) if config.checkpoint.resume else None
         done = latest is not None and latest >= t.steps
         dpo_refs = config.task == "dpo" and not done
         need_base = spec.lora is not None or dpo_refs or latest is None

@@ -10,6 +10,7 @@ from typing import Callable
 
 import jax
 
+from jaxlm.core.overrides import to_dict
 from jaxlm.training.preemption import StepBoundary, StopRequest
 
 log = logging.getLogger("jaxlm.train")
@@ -95,11 +96,10 @@ class Checkpoint(Hook):
         self.ckpt, self.config, self.boundary, self.stop_request = ckpt, config, boundary, stop
         self.every, self.stop_at, self.total = config.checkpoint.every, config.train.stop_at, total
         self.checkpointed = checkpointed
+        self.saved_config = to_dict(config)  # the frozen config, as every checkpoint records it
         stop.install()
 
     def after_step(self, loop, step: int, state) -> None:
-        from jaxlm.core.overrides import to_dict
-
         loop.beat(step, "cross-host agreement after step")
         decision = self.boundary.check(step)  # the same answer on every host
         loop.beat(step if loop.pending else step + 1)
@@ -110,7 +110,7 @@ class Checkpoint(Hook):
         if permanent or decision.temporary_checkpoint:
             loop.sync()  # never checkpoint past a step we have not checked
             loop.beat(step, "checkpoint save")
-            self.ckpt.save(step, self.checkpointed(state), loop.batches.get_state(), to_dict(self.config),
+            self.ckpt.save(step, self.checkpointed(state), loop.batches.get_state(), self.saved_config,
                            force=True, temporary=not permanent)
             self.boundary.saved()
             loop.beat(step + 1)

@@ -21,7 +21,7 @@ from jaxlm.core.sharding import global_batch
 from jaxlm.data import pipeline, tokenizer as tokenizer_lib
 from jaxlm.model.transformer import count_params
 from jaxlm.training import assembly, base
-from jaxlm.training.checkpoint import has_checkpoint
+from jaxlm.training.checkpoint import latest_step
 from jaxlm.training.evaluate import Evaluator
 
 log = logging.getLogger("jaxlm.train")
@@ -44,12 +44,13 @@ def run_dir_of(config: Config) -> str:
     return os.path.abspath(os.path.expanduser(config.train.run_dir.format(name=config.name)))
 
 
-def open_run(config: Config, ckpt_dir: str) -> tuple[rundir.RunDir, dict]:
+def open_run(config: Config, ckpt_dir: str) -> tuple[rundir.RunDir, dict, int | None]:
     """The run directory, checked against `config` before anything is written to it: a run that has a
-    checkpoint accepts only the changes resuming allows. Returns (run dir, allowed changes)."""
+    checkpoint accepts only the changes resuming allows. Returns (run dir, allowed changes, the newest step
+    to resume from or None)."""
     rd = rundir.RunDir(run_dir_of(config))
-    resuming = config.checkpoint.resume and has_checkpoint(ckpt_dir)
-    return rd, rd.check_resume(to_dict(config), resuming)
+    latest = latest_step(ckpt_dir) if config.checkpoint.resume else None
+    return rd, rd.check_resume(to_dict(config), latest is not None), latest
 
 
 def start(config: Config):
@@ -66,7 +67,7 @@ def train(config: Config) -> RunSummary:
     """Pretrains per `config`, resuming from the run's latest checkpoint."""
     config = base.resolve(config)
     ckpt_dir = rundir.checkpoint_dir(run_dir_of(config), config.checkpoint.dir)
-    rd, changes = open_run(config, ckpt_dir)
+    rd, changes, latest = open_run(config, ckpt_dir)
     mesh = start(config)
     data = pipeline.prepare(config)  # fails on bad data before the run directory is touched
     spec = assembly.build(config)
@@ -74,8 +75,8 @@ def train(config: Config) -> RunSummary:
     with jax.set_mesh(mesh):
         log.info("mesh %s | %s parameters | attention %s", mesh_lib.describe(mesh),
                  f"{count_params(abstract_params(spec.model)):,}", spec.model.impl)
-        resuming = config.checkpoint.resume and has_checkpoint(ckpt_dir)  # then the base weights are not needed
-        params = None if resuming else base.load_params(config, spec.model, mesh, t.progress)
+        # A run that resumes does not need its base weights.
+        params = None if latest is not None else base.load_params(config, spec.model, mesh, t.progress)
         run = assembly.assemble(spec, mesh, ckpt_dir, params)
         if run.start >= t.steps:
             run.ckpt.close()
