@@ -72,7 +72,8 @@ def phase(args) -> dict:
 
     from jaxlm.core.config import MeshConfig, ModelConfig
     from jaxlm.core.mesh import make_mesh
-    from jaxlm.hf import exporter, families, importer
+    from jaxlm.conversion import hf_runs
+    from jaxlm.hf import families, importer
 
     t0 = time.perf_counter()
     if args.phase == "load":
@@ -83,10 +84,10 @@ def phase(args) -> dict:
         jax.block_until_ready(params)
         moved = dir_bytes(hf_dir)
     elif args.phase == "convert":
-        importer.convert(hf_dir, run_dir)
+        hf_runs.from_hf(hf_dir, run_dir)
         moved = dir_bytes(hf_dir)
     else:
-        exporter.export(run_dir, out_dir, args.export_dtype)
+        hf_runs.to_hf(run_dir, out_dir, args.export_dtype)
         moved = dir_bytes(out_dir)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "MB/s": moved / seconds / 1e6, "bytes": moved}

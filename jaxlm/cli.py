@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from jaxlm.commands import convert, data, evaluate, finetune, generate, peft, plan, presets, quantize, tokenizer, train
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `jaxlm presets | head`: the reader has gone; no traceback, no flush error at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as e:
         intact = getattr(e, "intact", None)  # checkpoint.DamagedCheckpoint, without importing Orbax for it
         hint = f"; pass --step {intact[-1]}" if intact and hasattr(args, "step") else ""  # the command takes --step

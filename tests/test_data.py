@@ -41,7 +41,7 @@ def test_every_token_is_seen_once_per_epoch():
     assert sorted(seen.tolist()) == sorted(expected.tolist())
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # worker processes: ~12 s
 def test_iterator_is_deterministic_and_resumes_exactly(workers):
     rows = PackedRows(_stream([30] * 40), seq_len=8)
     a = BatchIterator(rows, 4, seed=7, workers=workers)

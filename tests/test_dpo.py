@@ -40,6 +40,7 @@ def _direct_loss(model, params, template, refs):
     return jnp.mean(jnp.stack(losses))
 
 
+@pytest.mark.slow  # two compiled value-and-grads of the DPO objective (~45 s on 2 cores)
 def test_dpo_loss_and_gradients_match_a_direct_computation():
     config = small_config(vocab_size=256, max_seq_len=128, num_layers=1)
     model = Transformer(config.model)
@@ -88,8 +89,7 @@ def test_jaxlm_finetune_dpo_raises_the_margin(tmp_path, capsys):
     argv = ["finetune", "dpo_tiny", f"finetune.data={data}", f"train.run_dir={tmp_path}/run", "train.steps=10",
             "train.seq_len=96", "train.batch_size=8", "train.progress=False", "model.vocab_size=384",
             "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.mlp_dim=64",
-            "optim.lr=1e-2", "optim.warmup_steps=1", "data.eval_fraction=0.25", "finetune.save_merged=False",
-            f"data.cache_dir={tmp_path}/cache"]
+            "optim.lr=1e-2", "optim.warmup_steps=1", "data.eval_fraction=0.25", f"data.cache_dir={tmp_path}/cache"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     summary = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -98,3 +98,11 @@ def test_jaxlm_finetune_dpo_raises_the_margin(tmp_path, capsys):
     assert "eval loss 0.6931 ->" in out, out
     assert evals[-1]["eval/margin"] > 0.1 and evals[-1]["eval/reward_accuracy"] == 1.0, out
     assert evals[-1]["eval/loss"] < 0.65
+
+    # finetune.reference=RUN: the finished run (its merged model) is the reference, so the same starting policy
+    # now begins with the held-out pairs preferred less than by the reference: a negative margin.
+    argv = [a for a in argv if not a.startswith(("train.run_dir=", "train.steps="))]
+    assert cli.main(argv + [f"train.run_dir={tmp_path}/second", "train.steps=1", f"finetune.reference={tmp_path}/run",
+                            "finetune.save_merged=False"]) == 0
+    first = [json.loads(line) for line in open(tmp_path / "second" / "metrics.jsonl") if "eval/margin" in line][0]
+    assert first["step"] == 0 and first["eval/margin"] < -0.1 and first["eval/loss"] > 0.7, first

@@ -213,6 +213,7 @@ def test_lm_eval_runs_a_local_task_through_the_adapter(model_params, tmp_path, m
     assert out["results"]["jaxlm_local_mc"]["acc,none"] == pytest.approx(ours["acc"])
 
 
+@pytest.mark.slow  # perplexity at three formats (~20 s); quantized logits are checked by default in test_quantize.py
 def test_quantization_report(model_params):
     from jaxlm.evaluation import quantization
     from jaxlm.model import quantize as Q

@@ -47,7 +47,8 @@ def _dpo_rows(seed: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("task,lora", [("sft", False), ("dpo", True)])
+# Each a compiled accumulating step and a whole-batch one (~30 s on 2 cores): SFT by default, DPO with LoRA slow.
+@pytest.mark.parametrize("task,lora", [("sft", False), pytest.param("dpo", True, marks=pytest.mark.slow)])
 def test_grad_accumulation_equals_one_whole_batch(task, lora):
     config = small_config()
     if lora:
@@ -93,6 +94,7 @@ def _losses(run, key="train/loss"):
         return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
+@pytest.mark.slow  # three LoRA finetuning runs (~110 s on 2 cores)
 def test_resumed_lora_finetune_equals_uninterrupted_and_a_rerun_only_rewrites_outputs(tmp_path, capsys):
     """Adapter dropout (RNG), grad accumulation, the optimizer state and the data position all survive a restart."""
     args = ["finetune", "sft_tiny", f"finetune.data={_data(tmp_path)}", f"data.cache_dir={tmp_path}/cache",
@@ -141,15 +143,17 @@ def test_resumed_full_finetune_equals_uninterrupted(tmp_path, capsys):
 
 
 @pytest.mark.slow  # two finetuning runs; initial_adapters itself is tested by default in test_lora.py
-def test_lora_init_from_continues_from_a_finished_runs_adapters(tmp_path, capsys):
-    """A second run started from the first's adapters (same random base: same seed) begins where it ended."""
+def test_init_from_adapters_continues_from_a_finished_runs_adapters(tmp_path, capsys):
+    """A second run started from the first's adapters (model.init_from=RUN/adapters: the first run's base, here
+    random with the same seed) begins where it ended."""
     args = ["finetune", "sft_tiny", f"finetune.data={_data(tmp_path)}", f"data.cache_dir={tmp_path}/cache",
             "train.steps=3", *SMALL]
     assert cli.main(args + [f"train.run_dir={tmp_path}/first"]) == 0
-    assert cli.main(args + [f"train.run_dir={tmp_path}/second", f"lora.init_from={tmp_path}/first"]) == 0
+    assert cli.main(args + [f"train.run_dir={tmp_path}/second", f"model.init_from={tmp_path}/first/adapters"]) == 0
     ended, began = _losses(tmp_path / "first", "eval/loss"), _losses(tmp_path / "second", "eval/loss")
     np.testing.assert_allclose(began[0], ended[3], rtol=1e-6)
-    assert cli.main(args + [f"train.run_dir={tmp_path}/bad", f"lora.init_from={tmp_path}/first", "lora.rank=4"]) == 2
+    assert cli.main(args + [f"train.run_dir={tmp_path}/bad", f"model.init_from={tmp_path}/first/adapters",
+                            "lora.rank=4"]) == 2
     assert "set lora.rank=8" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from hf_models import hf_logits, hf_tensors, make_model, save_model, save_tokenizer  # noqa: E402
 from jaxlm import cli  # noqa: E402
 from jaxlm.core.config import ConfigError, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.conversion import hf_runs  # noqa: E402
 from jaxlm.core.mesh import make_mesh  # noqa: E402
 from jaxlm.hf import exporter, families, importer  # noqa: E402
 from jaxlm.hf.tokenizer import chat_template  # noqa: E402
@@ -145,7 +146,7 @@ def test_pretrained_run_exports_to_transformers(tmp_path):
 
 def test_export_rejects_unknown_dtype(tmp_path):
     with pytest.raises(ConfigError, match="--dtype float16 is not supported"):
-        exporter.export(str(tmp_path), str(tmp_path / "out"), "float16")
+        hf_runs.to_hf(str(tmp_path), str(tmp_path / "out"), "float16")
 
 
 @pytest.mark.slow

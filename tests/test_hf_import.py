@@ -17,7 +17,9 @@ from hf_models import FAMILIES, hf_logits, save_model  # noqa: E402
 from jaxlm.core.config import ConfigError, MeshConfig, ModelConfig  # noqa: E402
 from jaxlm.core.mesh import make_mesh  # noqa: E402
 from jaxlm.hf import families, importer  # noqa: E402
+from jaxlm.conversion import hf_runs  # noqa: E402
 from jaxlm.model.transformer import Transformer  # noqa: E402
+from jaxlm.training import base  # noqa: E402
 
 BASE = ModelConfig(dtype="float32", attention="xla")
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 12))
@@ -179,10 +181,10 @@ def test_imported_compute_dtype_is_float32_on_cpu_unless_chosen(tmp_path, caplog
 
     # Left alone (a preset or the command line not naming it): float32 on CPU, and the choice is logged.
     with caplog.at_level(logging.INFO, "jaxlm.hf.families"):
-        config = importer.resolve_init_from(overrides.load([f"model.init_from=hf:{directory}", "train.seq_len=32"]))
+        config = base.resolve(overrides.load([f"model.init_from=hf:{directory}", "train.seq_len=32"]))
     assert jax.default_backend() == "cpu" and config.model.dtype == "float32"
     assert "compute dtype float32 (CPU; the checkpoint is bfloat16)" in caplog.text
-    assert importer.convert(directory, str(tmp_path / "run")).model.dtype == "float32"
+    assert hf_runs.from_hf(directory, str(tmp_path / "run")).model.dtype == "float32"
     # On an accelerator: the checkpoint's own dtype (float16 has no jaxlm compute path: bfloat16).
     for stored, expected in (("bfloat16", "bfloat16"), ("float32", "float32"), ("float16", "bfloat16")):
         assert families.compute_dtype({**hf, "dtype": stored}, ModelConfig(), platform="gpu") == expected
@@ -190,7 +192,7 @@ def test_imported_compute_dtype_is_float32_on_cpu_unless_chosen(tmp_path, caplog
 
     # Chosen on the command line, even as the value the default has: the choice wins.
     chosen = overrides.load([f"model.init_from=hf:{directory}", "train.seq_len=32", "model.dtype=bfloat16"])
-    assert importer.resolve_init_from(chosen).model.dtype == "bfloat16"
+    assert base.resolve(chosen).model.dtype == "bfloat16"
     # A run's saved config.json holds the resolved dtype as a choice: a rerun keeps it.
     saved = overrides.load([str(tmp_path / "run" / "config.json")])
     assert not is_default(saved.model.dtype) and saved.model.dtype == "float32"

@@ -15,7 +15,7 @@ from jaxlm.core.sharding import global_batch
 from jaxlm.model import lora as lora_lib
 from jaxlm.model.quantize import NF4_LEVELS
 from jaxlm.model.transformer import Transformer
-from jaxlm.training import optim
+from jaxlm.training import base, optim
 from jaxlm.training.objectives import next_token
 from jaxlm.training.step import make_step
 
@@ -46,6 +46,7 @@ def _random_b(adapters, seed=1):
                                         for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow  # both variants (~36 s); LoRA logits against peft's are checked by default in test_peft.py
 @pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_zero_b_equals_base_and_merge_equals_base_plus_adapter(scan):
     config = small_config(scan_layers=scan)
@@ -173,6 +174,7 @@ def test_sharded_2x4_qlora_step_equals_single_device(fmt):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-5), got[2], ref[2])
 
 
+@pytest.mark.slow  # ~20 s; saved adapters are read back by default in test_initial_adapters_continue_...[jaxlm]
 def test_adapters_save_and_load(tmp_path):
     config = small_config()
     _, lo, _ = _setup(config)
@@ -190,21 +192,23 @@ def _lora_logits(lo, base, adapters, config):
     return np.asarray(jax.jit(lo.apply)({"params": {"base": base, "lora": adapters}}, batch["inputs"]))
 
 
-@pytest.mark.parametrize("fmt", ["jaxlm", "peft"])
+@pytest.mark.parametrize("fmt", ["jaxlm", pytest.param("peft", marks=pytest.mark.slow)])  # the PEFT reader: test_peft.py
 def test_initial_adapters_continue_from_saved_or_peft_adapters(fmt, tmp_path):
     from jaxlm.hf import peft as peft_lib
 
     config = small_config()
     # Saved with alpha 8, continued with alpha 16: B is halved, so the model is the same.
     saved_lo = _setup(config, LoraConfig(targets=TARGETS, rank=4, alpha=8.0))[1]
-    _, lo, _ = _setup(config, LoraConfig(targets=TARGETS, rank=4, alpha=16.0, init_from=str(tmp_path / "ad")))
+    _, lo, _ = _setup(config, LoraConfig(targets=TARGETS, rank=4, alpha=16.0))
+    # "+DIR": adapters over a base named before the "+" (here none: the random base of the same seed)
+    start = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=f"+{tmp_path}/ad"))
     params = sharded_init.strip_boxes(jax.jit(saved_lo.make_params_fn(0))())
     adapters = jax.device_get(_random_b(params["lora"]))
     if fmt == "jaxlm":
         lora_lib.save_adapters(str(tmp_path / "ad"), adapters, saved_lo.config)
     else:
         peft_lib.export(adapters, saved_lo.config, config.model, str(tmp_path / "ad"))
-    loaded = lora_lib.initial_adapters(lo.config.init_from, lo, config.model)
+    loaded = base.initial_adapters(start, lo)
     assert jax.tree.structure(loaded) == jax.tree.structure(sharded_init.strip_boxes(lo.init(jax.random.key(0))))
     np.testing.assert_allclose(loaded["layers"]["attn"]["q"]["b"], adapters["layers"]["attn"]["q"]["b"] / 2, rtol=1e-6)
     want = _lora_logits(saved_lo, params["base"], adapters, config)
@@ -213,19 +217,25 @@ def test_initial_adapters_continue_from_saved_or_peft_adapters(fmt, tmp_path):
 
     _, other_rank, _ = _setup(config, LoraConfig(targets=TARGETS, rank=2))
     with pytest.raises(ConfigError, match="set lora.rank=4"):
-        lora_lib.initial_adapters(str(tmp_path / "ad"), other_rank, config.model)
+        base.initial_adapters(start, other_rank)
     _, fewer, _ = _setup(config, LoraConfig(targets=("attn/q$",), rank=4))
     with pytest.raises(ConfigError, match="set lora.targets"):
-        lora_lib.initial_adapters(str(tmp_path / "ad"), fewer, config.model)
+        base.initial_adapters(start, fewer)
 
 
 def test_initial_adapters_from_a_directory_without_adapters_is_a_config_error(tmp_path):
-    _, lo, _ = _setup(small_config())
+    config = small_config()
+    _, lo, _ = _setup(config)
+    start = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=f"+{tmp_path}"))
     with pytest.raises(ConfigError, match="holds neither adapters.safetensors"):
-        lora_lib.initial_adapters(str(tmp_path), lo, small_config().model)
+        base.initial_adapters(start, lo)
     (tmp_path / "adapters.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="cannot read .*adapters.json"):
-        lora_lib.initial_adapters(str(tmp_path), lo, small_config().model)
+        base.initial_adapters(start, lo)
+    with pytest.raises(ConfigError, match="holds adapters outside a run directory.*BASE\\+"):
+        base.parse(str(tmp_path))
+    with pytest.raises(ConfigError, match="needs lora.targets"):
+        base.resolve(start)
 
 
 def test_bad_targets_are_config_errors():
@@ -237,7 +247,7 @@ def test_bad_targets_are_config_errors():
 
 
 @pytest.mark.parametrize("fmt, bound", [pytest.param("int8", 1 / 254, marks=pytest.mark.slow),
-                                        ("nf4", float(np.diff(NF4_LEVELS).max()) / 2)])
+                                        pytest.param("nf4", float(np.diff(NF4_LEVELS).max()) / 2, marks=pytest.mark.slow)])
 def test_qlora_base_within_quantization_error_and_finetuning_lowers_the_loss(fmt, bound):
     from jaxlm.model.quantize import block_size_for, nbytes
 

@@ -37,6 +37,7 @@ def _loss_and_grads(model, params, batch):
     return jax.jit(jax.value_and_grad(f))(params)
 
 
+@pytest.mark.slow  # two compiled value-and-grads (~20 s); the scanned model is what every other test runs
 def test_scan_equals_unrolled():
     config = small_config(qkv_bias=True, qk_norm=True)
     batch = _batch()
@@ -50,7 +51,8 @@ def test_scan_equals_unrolled():
                  grads_s, stack_layers(grads_u, 2))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "save_attention_out"])
+@pytest.mark.parametrize("policy", ["full"] + [pytest.param(p, marks=pytest.mark.slow)  # ~15 s each
+                                              for p in ("dots", "dots_no_batch", "save_attention_out")])
 def test_remat_gives_same_gradients(policy):
     config = small_config()
     batch = _batch()

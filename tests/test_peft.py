@@ -11,12 +11,13 @@ pytest.importorskip("peft")
 
 from hf_models import save_model  # noqa: E402
 from jaxlm.core import sharded_init  # noqa: E402
-from jaxlm.core.config import ConfigError, LoraConfig, MeshConfig, ModelConfig  # noqa: E402
+from jaxlm.core.config import Config, ConfigError, LoraConfig, MeshConfig, ModelConfig  # noqa: E402
 from jaxlm.core.mesh import make_mesh  # noqa: E402
 from jaxlm.hf import families, importer  # noqa: E402
 from jaxlm.hf import peft as peft_lib  # noqa: E402
 from jaxlm.model import lora as lora_lib  # noqa: E402
 from jaxlm.model.transformer import Transformer  # noqa: E402
+from jaxlm.training import base as training_base  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 12))
 
@@ -93,8 +94,11 @@ def test_adapter_made_by_peft_imports_with_the_same_logits(tmp_path):
     assert np.max(np.abs(got - want)) <= 1e-4
     np.testing.assert_array_equal(adapters["layers"]["attn"]["q"]["b"][0], 0)  # layer 0 untouched
 
-    # Continuing from it (lora.init_from): the same model, and layer 0's adapters can train (A is not zero).
-    start = lora_lib.initial_adapters(str(tmp_path / "adapter"), lo, config)
+    # Continuing from it (model.init_from=ADAPTER_DIR, on the base PEFT recorded): the same model, and layer 0's
+    # adapters can train (A is not zero).
+    run_config = Config(model=dataclasses.replace(config, init_from=str(tmp_path / "adapter")))
+    assert training_base.parse(run_config.model.init_from) == training_base.Start(f"hf:{hf_dir}", str(tmp_path / "adapter"))
+    start = training_base.initial_adapters(run_config, lo)
     got = np.asarray(jax.jit(lo.apply)({"params": {"base": params, "lora": start}}, jnp.asarray(TOKENS)))
     assert np.max(np.abs(got - want)) <= 1e-4
     q = start["layers"]["attn"]["q"]

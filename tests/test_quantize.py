@@ -48,7 +48,7 @@ def test_memory():
     assert Q.quantize(X, "nf4", 96).nbytes / n == pytest.approx(0.125 + 1 / 96)
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)])  # ~15 s each
 def test_model_dequantizes_quantized_params_on_the_fly(scan):
     model = Transformer(small_config(scan_layers=scan).model)
     params = init(model)

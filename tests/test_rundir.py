@@ -29,6 +29,15 @@ def test_config_changes_allowed_on_resume_and_refused_otherwise(tmp_path):
     # Without a checkpoint there is no state to protect: a new config replaces the old one.
     assert rd.check_resume(other, has_checkpoint=False) == {}
 
+    # A config.json cut short (an interrupted copy) does not wave a different config through: the newest
+    # segment's config stands in for it.
+    rd.begin_segment(more, 5)
+    (tmp_path / rundir.CONFIG).write_text('{"model": {"num_la')
+    (tmp_path / rundir.SEGMENTS / "10.json").write_text("{")  # a damaged later segment is skipped too
+    assert rd.saved_config() == more
+    with pytest.raises(ConfigError, match="model.num_layers: 4 -> 3"):
+        rd.check_resume(other, has_checkpoint=True)
+
 
 def test_a_failing_command_leaves_a_finished_run_intact_and_resuming_records_segments(tmp_path, capsys):
     run = tmp_path / "run"

@@ -116,6 +116,7 @@ def test_bad_jsonl_line_names_the_line(tmp_path):
         sft.read_jsonl(str(path))
 
 
+@pytest.mark.slow  # a whole `jaxlm finetune` run (~30 s on 2 cores)
 def test_jaxlm_finetune_sft_runs_end_to_end_and_lowers_the_loss(tmp_path, capsys):
     data = tmp_path / "chats.jsonl"
     pairs = [("What is your name?", "I am a bot."), ("How are you?", "Fine, thanks."), ("Hi", "Hello there.")]

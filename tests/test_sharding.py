@@ -58,7 +58,7 @@ def _one_step(config, mesh_name, batch_np):
         return jax.device_get((loss, grads, metrics["loss"], state.params))
 
 
-@pytest.mark.parametrize("mesh_name", ["fsdp2_tensor4", "data2_fsdp4"])
+@pytest.mark.parametrize("mesh_name", ["fsdp2_tensor4", pytest.param("data2_fsdp4", marks=pytest.mark.slow)])  # ~36 s each
 def test_sharded_loss_and_gradients_equal_single_device(mesh_name):
     config = small_config()
     batch = _numpy_batch(config)
@@ -72,6 +72,7 @@ def test_sharded_loss_and_gradients_equal_single_device(mesh_name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), got[3], ref[3])
 
 
+@pytest.mark.slow  # a sharded step compiled twice (~40 s); accumulation is checked by default in test_finetune.py
 def test_gradient_accumulation_equals_full_batch():
     config = small_config()
     batch = _numpy_batch(config)

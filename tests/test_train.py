@@ -52,6 +52,7 @@ def saved_state(run_dir, step):
     return ocp.PyTreeCheckpointer().restore(os.path.join(run_dir, "checkpoints", str(step), "state"))
 
 
+@pytest.mark.slow  # three `jaxlm train` processes (~70 s); restore bit for bit is checked by default in test_checkpoint_damage.py
 def test_resume_is_bit_identical_to_uninterrupted(tmp_path, cache_dir):
     """2N steps in one go == N steps, process exit, then N more: same losses, same parameters, bit for bit."""
     args = SMALL + ["train.steps=8", "checkpoint.every=100"]
@@ -73,6 +74,7 @@ def test_resume_is_bit_identical_to_uninterrupted(tmp_path, cache_dir):
     assert os.listdir(tmp_path / "whole" / "tensorboard")
 
 
+@pytest.mark.slow  # a signalled `jaxlm train` process and its resumption (~45 s)
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, cache_dir):
     run = tmp_path / "run"
     proc = jaxlm_train(SMALL + ["train.steps=100000", "checkpoint.every=100000", "train.profile_start=1",
@@ -140,6 +142,7 @@ def _state_and_step(config, trainable=None):
     return state, step, batch
 
 
+@pytest.mark.slow  # a compiled step on a poisoned batch (~15 s)
 def test_nonfinite_step_is_not_applied():
     state, step, batch = _state_and_step(small_config())
     state = state.replace(params={**state.params, "final_norm": {"scale": state.params["final_norm"]["scale"].at[0].set(jnp.nan)}})
@@ -150,6 +153,7 @@ def test_nonfinite_step_is_not_applied():
     assert int(new.step) == int(state.step) + 1
 
 
+@pytest.mark.slow  # a `jaxlm train` process that diverges (~17 s)
 def test_nonfinite_loss_stops_the_run_naming_the_step(tmp_path, cache_dir):
     run = tmp_path / "run"
     args = [a for a in SMALL if not a.startswith("optim.warmup_steps")]
@@ -220,6 +224,7 @@ def test_checkpoint_keeps_last_n_and_every_k(tmp_path):
     assert Checkpointer(str(tmp_path / "ckpt"), CheckpointConfig()).saved_config(6) == {"step": 6}
 
 
+@pytest.mark.slow  # a `jaxlm train` process, then four `jaxlm generate` ones (~50 s)
 def test_generate_from_a_trained_run(tmp_path, cache_dir):
     run = tmp_path / "run"
     assert jaxlm_train(SMALL + ["train.steps=2"], run, cache_dir, devices=1).returncode == 0
@@ -241,6 +246,7 @@ def test_generate_from_a_trained_run(tmp_path, cache_dir):
     assert chat.returncode == 0, chat.stderr
 
 
+@pytest.mark.slow  # a `jaxlm train` process, then eval and quantize (~50 s)
 def test_eval_and_quantize_commands_on_a_trained_run(tmp_path, cache_dir):
     run = tmp_path / "run"
     hook = ["train.steps=2", "train.eval_tasks=('perplexity',)", "train.eval_limit=2"]  # evaluation as a train hook

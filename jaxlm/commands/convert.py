@@ -38,9 +38,9 @@ def add_parser(subparsers) -> None:
 
 def from_hf(args) -> int:
     from jaxlm.core import overrides
-    from jaxlm.hf import importer
+    from jaxlm.conversion import hf_runs
 
-    config = importer.convert(args.hf_dir, args.out, overrides.load(args.config) if args.config else None)
+    config = hf_runs.from_hf(args.hf_dir, args.out, overrides.load(args.config) if args.config else None)
     m = config.model
     print(f"imported {args.hf_dir}: {m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}")
     print(f"run directory: {config.train.run_dir}  (jaxlm generate {args.out}; jaxlm convert to-hf {args.out} DIR)")
@@ -48,8 +48,8 @@ def from_hf(args) -> int:
 
 
 def to_hf(args) -> int:
-    from jaxlm.hf import exporter
+    from jaxlm.conversion import hf_runs
 
-    out = exporter.export(args.run_dir, args.out, args.dtype, args.step, int(args.max_shard_gb * (1 << 30)))
+    out = hf_runs.to_hf(args.run_dir, args.out, args.dtype, args.step, int(args.max_shard_gb * (1 << 30)))
     print(f"Hugging Face checkpoint: {out}  (transformers.AutoModelForCausalLM.from_pretrained({out!r}))")
     return 0

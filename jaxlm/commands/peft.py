@@ -26,16 +26,16 @@ def add_parser(subparsers) -> None:
 
 
 def export(args) -> int:
-    from jaxlm.hf import adapter_runs
+    from jaxlm.conversion import peft_runs
 
-    out = adapter_runs.export_run(args.run_dir, args.out, args.base_model)
+    out = peft_runs.export_run(args.run_dir, args.out, args.base_model)
     print(f"PEFT adapter: {out}  (peft.PeftModel.from_pretrained(base_model, {out!r}))")
     return 0
 
 
 def import_adapter(args) -> int:
-    from jaxlm.hf import adapter_runs
+    from jaxlm.conversion import peft_runs
 
-    out = adapter_runs.import_run(args.adapter_dir, args.base_run, args.out)
+    out = peft_runs.import_run(args.adapter_dir, args.base_run, args.out)
     print(f"run directory: {out}  (the base with the adapter merged; the adapter itself in {out}/adapters)")
     return 0

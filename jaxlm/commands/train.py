@@ -31,7 +31,8 @@ def run(args) -> int:
         return 0
     if config.task != "pretrain":  # task=sft / task=dpo in a config: the finetuning entry point
         return finetune.run_config(config)
+    from jaxlm.evaluation import runner
     from jaxlm.training import pretrain as train
 
-    summaries.print_pretrain(train.train(config))
+    summaries.print_pretrain(train.train(config, tasks=runner.in_training))
     return 0

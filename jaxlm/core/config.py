@@ -139,7 +139,8 @@ class ModelConfig:
     # every projection (Hugging Face GPT-2 checkpoints).
     architecture: Literal["llama", "gpt2"] = "llama"
     # Where the weights start (pretraining and finetuning alike): "" random, "hf:DIR" a Hugging Face
-    # checkpoint, or a jaxlm run directory; the checkpoint's config sets the model's shape.
+    # checkpoint, or a jaxlm run directory; the checkpoint's config sets the model's shape. LoRA adapters to
+    # continue from: RUN/adapters, a PEFT adapter directory, or BASE+ADAPTERS (jaxlm/training/base.py).
     init_from: str = ""
 
     @property
@@ -314,10 +315,6 @@ class LoraConfig:
     dropout: float = ranged(0.0, ge=0, lt=1)
     quantize: Literal["none", "int8", "int4", "nf4"] = "none"  # QLoRA: store the frozen base quantized
     block_size: int = ranged(64, ge=1)  # quantization block size along a weight's last (output) axis
-    # A directory of jaxlm adapters (adapters.safetensors + adapters.json, written by lora.save_adapters) or a
-    # PEFT adapter directory (adapter_config.json + adapter_model.safetensors); empty starts from fresh
-    # adapters (B = 0). The rank must match; a different alpha rescales B so the update is kept.
-    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,13 +106,17 @@ def parse_literal(key: str, text: str, tp) -> Any:
 
 
 # Keys that were merged into another: each is refused with a line naming its successor.
-RENAMED = {"finetune.base": "model.init_from"}
+RENAMED = {
+    "finetune.base": ("model.init_from", "model.init_from=RUN or hf:DIR"),
+    "lora.init_from": ("model.init_from", "model.init_from=RUN/adapters, a PEFT adapter directory, or BASE+ADAPTERS"),
+}
 
 
 def _renamed(key: str) -> None:
     if key in RENAMED:
-        raise ConfigError(f"{key} is now {RENAMED[key]} (the one setting for where a run's weights start: "
-                          f"hf:DIR or a jaxlm run directory); use {RENAMED[key]}=...")
+        new, use = RENAMED[key]
+        raise ConfigError(f"{key} is now {new} (the one setting for where a run's weights and adapters start); "
+                          f"use {use}")
 
 
 def apply(config: Config, values: dict[str, Any]) -> Config:

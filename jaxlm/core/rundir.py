@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from jaxlm.core.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 SEGMENTS = "configs"  # one resolved config per segment of the run: configs/<first step>.json
@@ -56,6 +59,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _read_json(path: str):
+    """The JSON in `path`; None when the file is missing or damaged."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
     """{key: (saved value, new value)} for every setting that differs (compared as JSON stores them)."""
     import json
@@ -75,15 +89,20 @@ class RunDir:
         return os.path.join(self.directory, *names)
 
     def saved_config(self) -> dict | None:
-        import json
-
-        try:
-            with open(self.path(CONFIG), encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return None  # a damaged config.json is replaced by the next segment's
+        """The config of the run's latest segment: config.json, or when that is damaged (a copy cut short)
+        the newest intact configs/<start>.json; None for a directory no run has written yet."""
+        segments = []
+        if os.path.isdir(self.path(SEGMENTS)):
+            starts = [n.removesuffix(".json") for n in os.listdir(self.path(SEGMENTS)) if n.endswith(".json")]
+            segments = [self.path(SEGMENTS, f"{s}.json") for s in sorted((s for s in starts if s.isdigit()),
+                                                                        key=int, reverse=True)]
+        for path in (self.path(CONFIG), *segments):
+            saved = _read_json(path)
+            if isinstance(saved, dict):
+                if path != self.path(CONFIG):
+                    log.warning("%s is damaged; checking the config against %s instead", self.path(CONFIG), path)
+                return saved
+        return None
 
     def check_resume(self, config: dict, has_checkpoint: bool) -> dict[str, tuple]:
         """Raises ConfigError naming the keys when a run that has a checkpoint is given a config that

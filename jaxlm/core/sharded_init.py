@@ -24,10 +24,15 @@ def strip_boxes(tree):
     return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
+def boxed_params(model: nn.Module, seq_len: int = 8):
+    """The model's params as ShapeDtypeStructs still boxed with their logical axis names."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
 def abstract_params(model: nn.Module, seq_len: int = 8):
     """Unboxed ShapeDtypeStructs of the parameters, for building masks and counting."""
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return strip_boxes(jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"])
+    return strip_boxes(boxed_params(model, seq_len))
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:

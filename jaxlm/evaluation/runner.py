@@ -12,6 +12,7 @@ import time
 
 from jaxlm.core.config import Config, ConfigError
 from jaxlm.data import corpus
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.evaluation import humaneval, multiple_choice, perplexity
 from jaxlm.inference.generate import Generator, SamplingConfig, complete
@@ -58,3 +59,16 @@ def run_tasks(model, params, tokenizer: Tokenizer, config: Config, tasks: list[s
                                                progress=progress)
         results[name]["seconds"] = round(time.perf_counter() - start, 2)
     return results
+
+
+def in_training(config: Config, model, tokenizer_path: str):
+    """params -> results of `train.eval_tasks`, run with the training mesh's params as they are (the
+    training loop's eval hook; `jaxlm train` hands it to `training.pretrain.train`)."""
+    for task in config.train.eval_tasks:
+        check_task(task)
+    tokenizer = tokenizer_lib.load(tokenizer_path)
+    texts = heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
+    limit = config.train.eval_limit or None
+    scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape
+    return lambda params: run_tasks(model, params, tokenizer, config, list(config.train.eval_tasks),
+                                           texts=texts, limit=limit, progress=False, scorer=scorer)

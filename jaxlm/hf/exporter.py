@@ -1,25 +1,16 @@
-"""Exports a jaxlm run directory as a Hugging Face checkpoint that `transformers` loads as-is.
-
-Writes config.json, model.safetensors (or shards with model.safetensors.index.json), and the tokenizer:
-the Hugging Face files the run was imported with, or, for a run pretrained by jaxlm, its sentencepiece
-model with a LLaMA tokenizer config. Tensors are produced and written one at a time.
+"""Writes jaxlm parameters as Hugging Face safetensors (model.safetensors, or shards with
+model.safetensors.index.json), one tensor produced and written at a time.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import shutil
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from jaxlm.core import rundir
 from jaxlm.core.config import ConfigError, ModelConfig
-from jaxlm.hf import families, tensors, tokenizer as hf_tokenizer
+from jaxlm.hf import families, tensors
 from jaxlm.hf.families import TensorMap
-from jaxlm.hf.importer import HF_CONFIG_FILE
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -69,46 +60,3 @@ def write_checkpoint(params: dict, c: ModelConfig, out: str, dtype: str = "float
     produce = lambda name: hf_tensor(params, c, *order[name]).astype(np_dtype)
     bar = lambda items: tqdm(items, desc="export", unit="tensor", disable=not progress)
     return tensors.write(out, specs, produce, max_shard_bytes, bar)
-
-
-def _sentencepiece_tokenizer_config(tok) -> dict:
-    piece = lambda i: tok.id_to_piece(i) if i >= 0 else None
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id()), "eos_token": piece(tok.eos_id()),
-            "unk_token": piece(tok.unk_id()), "pad_token": piece(tok.pad_id()), "add_bos_token": True,
-            "add_eos_token": False, "model_max_length": 1 << 30}
-
-
-def export(run_dir: str, out: str, dtype: str = "float32", step: int | None = None,
-           max_shard_bytes: int = 5 << 30) -> str:
-    """Writes the run's checkpoint (`step`, default the latest) as a Hugging Face model directory `out`."""
-    from jaxlm.core.atomic import write_json as write_json_atomic
-    from jaxlm.inference.load import load_run
-
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
-    run_dir, out = os.path.abspath(os.path.expanduser(run_dir)), os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
-    run = load_run(run_dir, step)
-    c = run.config.model
-    template = None
-    if os.path.isfile(os.path.join(run_dir, HF_CONFIG_FILE)):
-        with open(os.path.join(run_dir, HF_CONFIG_FILE)) as f:
-            template = json.load(f)
-    config = families.hf_config(c, template, dtype)
-    tok = run.tokenizer
-    if template is None:  # a run pretrained by jaxlm: its tokenizer's special tokens
-        config.update(bos_token_id=tok.bos_id(), eos_token_id=tok.eos_id(),
-                      pad_token_id=tok.pad_id() if tok.pad_id() >= 0 else None)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write_checkpoint(run.params, c, tmp, dtype, max_shard_bytes)
-    write_json_atomic(os.path.join(tmp, "config.json"), config)
-    copied = hf_tokenizer.copy_files(run_dir, tmp)
-    if copied == rundir.SENTENCEPIECE and not os.path.isfile(os.path.join(tmp, rundir.TOKENIZER_CONFIG)):
-        write_json_atomic(os.path.join(tmp, rundir.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok))
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
-    return out

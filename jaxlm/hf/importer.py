@@ -1,4 +1,4 @@
-"""Imports a Hugging Face checkpoint (config.json + safetensors) into jaxlm parameters or a run directory.
+"""Reads a Hugging Face checkpoint (config.json + safetensors) into jaxlm parameters on a mesh.
 
 Parameters are streamed: every jaxlm array is built with `jax.make_array_from_callback`, and each device's
 callback reads only its own block of the Hugging Face tensor from a memory map. No host ever holds more
@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from jaxlm.core import atomic, mesh as mesh_lib, rundir, sharded_init
+from jaxlm.core import atomic, rundir, sharded_init
 from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
 from jaxlm.core.sharding import tree_shardings
 from jaxlm.hf import families, tokenizer as hf_tokenizer
@@ -43,15 +42,9 @@ def read_config(hf_dir: str) -> dict:
         raise ConfigError(f"{path} is not valid JSON ({e})") from None
 
 
-def hf_dir_of(init_from: str) -> str:
-    """The directory named by `model.init_from=hf:DIR`."""
-    return os.path.abspath(os.path.expanduser(init_from.removeprefix("hf:")))
-
-
-def resolve_init_from(config: Config) -> Config:
-    """`config` with the model shape of its `model.init_from=hf:DIR` checkpoint, and that checkpoint's
-    tokenizer for the data unless one is set."""
-    hf_dir = hf_dir_of(config.model.init_from)
+def resolve_init_from(config: Config, hf_dir: str) -> Config:
+    """`config` with the model shape of the Hugging Face checkpoint in `hf_dir` (its base), and that
+    checkpoint's tokenizer for the data unless one is set."""
     # Called before the multi-process start, which the platform query must not precede.
     model = families.model_config(read_config(hf_dir), config.model, families.safe_platform(config.distributed))
     data = config.data
@@ -165,45 +158,3 @@ def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) 
 
         out[path] = jax.make_array_from_callback(target.shape, shardings[path], read, dtype=target.dtype)
     return traverse_util.unflatten_dict(out)
-
-
-def convert(hf_dir: str, out: str, base: Config | None = None) -> Config:
-    """Writes a jaxlm run directory at `out` (config.json, an Orbax checkpoint at step 0, the tokenizer and
-    chat template) that `jaxlm generate`, `jaxlm train OUT/config.json` and export read."""
-    from jaxlm.core.overrides import to_dict
-    from jaxlm.training import assembly
-    from jaxlm.training.checkpoint import Checkpointer
-
-    hf_dir, out = os.path.abspath(os.path.expanduser(hf_dir)), os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
-    hf = read_config(hf_dir)
-    base = base or Config()
-    model = families.model_config(hf, base.model)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tok_file = copy_run_files(hf_dir, tmp)
-    if tok_file is None:
-        log.warning("%s has no %s: copy the model's tokenizer into %s before generating from or exporting it",
-                    hf_dir, " or ".join(rundir.TOKENIZER_FILES), out)
-    config = dataclasses.replace(
-        base, name=base.name if base.name != "run" else os.path.basename(out), model=model,
-        train=dataclasses.replace(base.train, run_dir=out, seq_len=min(base.train.seq_len, model.max_seq_len)),
-        data=dataclasses.replace(base.data, tokenizer=os.path.join(out, tok_file) if tok_file else base.data.tokenizer),
-        checkpoint=dataclasses.replace(base.checkpoint, dir=""),
-    )
-    validate(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    spec = assembly.build(config)
-    with jax.set_mesh(mesh):
-        params = load_params(hf_dir, model, mesh)  # the optimizer state is what a fresh run starts with
-        state = assembly.initial_state(spec, assembly.abstract_state(spec, mesh), mesh, params)
-        ckpt = Checkpointer(rundir.checkpoint_dir(tmp), dataclasses.replace(config.checkpoint, async_save=False))
-        ckpt.save(0, state, None, to_dict(config), force=True)
-        ckpt.close()
-    atomic.write_json(os.path.join(tmp, rundir.CONFIG), to_dict(config))
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty, checked above
-    os.replace(tmp, out)
-    return config

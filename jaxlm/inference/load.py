@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from jaxlm.core import mesh as mesh_lib, overrides, rundir
+from jaxlm.core import mesh as mesh_lib, overrides, rundir, sharded_init
 from jaxlm.core.config import Config, ConfigError, LoraConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.model import quantize as quantize_lib
@@ -53,5 +53,5 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
         with jax.set_mesh(mesh):
             params = ckpt.restore_params(step, assembly.abstract_state(spec, mesh).params)
             if quantize:  # codes and scales sharded like the weights they replace
-                params = quantize_lib.quantize_sharded(params, quantize, block_size, assembly.boxed_params(spec.model), mesh)
+                params = quantize_lib.quantize_sharded(params, quantize, block_size, sharded_init.boxed_params(spec.model), mesh)
     return LoadedRun(config, spec.model, params, tokenizer, step, run_dir, mesh)

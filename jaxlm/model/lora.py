@@ -12,8 +12,8 @@ trainable mask (so the base holds no optimizer state).
 
 Dropout drops whole rank components (per layer, rows of A) with probability `dropout` during training and
 rescales the rest; PEFT's dropout on the adapter's input would need a mask per activation instead.
-`merge` folds the adapters into W (for saving a plain model and for export). `initial_adapters` reads
-adapters to continue finetuning from (`lora.init_from`): jaxlm's own (`save_adapters`) or a PEFT adapter.
+`merge` folds the adapters into W (for saving a plain model and for export). Continuing from saved or
+PEFT adapters is `jaxlm.training.base.initial_adapters` (`model.init_from=RUN/adapters`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.core.config import ConfigError, LoraConfig, ModelConfig
+from jaxlm.core.config import ConfigError, LoraConfig
 from jaxlm.core.sharding import path_str
 from jaxlm.model.layers import LORA_A, LORA_B
 from jaxlm.model.quantize import is_quantized, quantize_params
@@ -89,7 +89,7 @@ def find_targets(boxed_params, config: LoraConfig) -> dict[str, Target]:
     return targets
 
 
-def _nest(flat: dict[str, object]) -> dict:
+def nest(flat: dict[str, object]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -124,11 +124,11 @@ class Lora:
                 "a": nn.LogicallyPartitioned(a, (*t.lead_names, *t.in_names, None)),
                 "b": nn.LogicallyPartitioned(b, (*t.lead_names, None, *t.out_names)),
             }
-        return _nest(flat)
+        return nest(flat)
 
     def merge(self, base, adapters, rng: jax.Array | None = None):
         """Base params with every target replaced by W + scale * A @ B (quantized targets dequantized first)."""
-        flat = {path: _lookup(adapters, path) for path in self.targets}
+        flat = {path: lookup(adapters, path) for path in self.targets}
 
         def visit(path, w):
             p = path_str(path)
@@ -156,7 +156,7 @@ class Lora:
         flat = traverse_util.flatten_dict(jax.tree.map(jax.lax.stop_gradient, params["base"]))
         rng = None if rngs is None else rngs.get("dropout")
         for path, t in self.targets.items():
-            ad = _lookup(params["lora"], path)
+            ad = lookup(params["lora"], path)
             *parent, name = path.split("/")
             flat[(*parent, name + LORA_A)] = self._dropped(path, t, ad["a"], rng)
             flat[(*parent, name + LORA_B)] = self.scale * ad["b"]
@@ -203,7 +203,7 @@ def _strip(tree):
     return jax.tree.map(lambda x: x.value if _is_box(x) else x, tree, is_leaf=_is_box)
 
 
-def _lookup(tree, path: str):
+def lookup(tree, path: str):
     for part in path.split("/"):
         tree = tree[part]
     return tree
@@ -247,63 +247,4 @@ def load_adapters(directory: str, lora: Lora) -> dict:
             if arrays[f"{p}/{ab}"].shape != shape:
                 raise ConfigError(f"adapter {p}/{ab} in {path} has shape {arrays[f'{p}/{ab}'].shape}, "
                                   f"expected {shape} (check lora.rank and the model config)")
-    return _nest({k: jnp.asarray(v) for k, v in arrays.items()})
-
-
-def initial_adapters(directory: str, lora: Lora, model_config: ModelConfig, seed: int = 0) -> dict:
-    """Unboxed adapters to start finetuning from (`lora.init_from`): host float32 arrays shaped like
-    `_strip(lora.init(rng))`, read from jaxlm adapters (`save_adapters`) or a PEFT adapter directory.
-
-    The saved rank must equal lora.rank (a ConfigError names the value to set). A different alpha is
-    allowed: B is rescaled by saved_alpha / lora.alpha, so the update (alpha / r) * A @ B is unchanged.
-    Layers a PEFT adapter leaves out (zero A and B, which never train: each one's gradient is through
-    the other) get fresh A with B still zero, as `init` would give them."""
-    from jaxlm.hf import peft
-
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if os.path.isfile(os.path.join(directory, ADAPTER_FILE)):
-        meta = _read_meta(os.path.join(directory, ADAPTER_CONFIG))
-        _check_rank(meta["rank"], lora, os.path.join(directory, ADAPTER_CONFIG))
-        adapters, alpha = load_adapters(directory, lora), meta["alpha"]
-    elif os.path.isfile(os.path.join(directory, peft.CONFIG_FILE)):
-        saved, adapters = peft.import_adapters(directory, model_config)
-        _check_rank(saved.rank, lora, os.path.join(directory, peft.CONFIG_FILE))
-        found = {path_str(p)[:-2] for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
-        if found != set(lora.targets):
-            raise ConfigError(f"the PEFT adapter {directory} adapts {sorted(found)[:4]} but lora.targets selects "
-                              f"{sorted(lora.targets)[:4]}; set lora.targets={saved.targets}")
-        adapters, alpha = _revive(adapters, _strip(lora.init(jax.random.key(seed))), lora), saved.alpha
-    else:
-        raise ConfigError(f"lora.init_from={directory} holds neither {ADAPTER_FILE} (jaxlm adapters) nor "
-                          f"{peft.CONFIG_FILE} (a PEFT adapter); point it at a directory with one of them")
-    factor = alpha / lora.config.alpha
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: np.asarray(x, np.float32) * (factor if path_str(p).endswith("/b") else 1.0), adapters)
-
-
-def _read_meta(path: str) -> dict:
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        return {"rank": int(meta["rank"]), "alpha": float(meta["alpha"])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"cannot read {path} (written with the adapters by lora.save_adapters): {e!r}") from None
-
-
-def _check_rank(rank: int, lora: Lora, path: str) -> None:
-    if rank != lora.config.rank:
-        raise ConfigError(f"{path} has LoRA rank {rank} but lora.rank={lora.config.rank}; set lora.rank={rank}")
-
-
-def _revive(adapters, fresh, lora: Lora) -> dict:
-    """Fresh A (from `fresh`) wherever a layer's A is all zero; B stays zero there, so the model is unchanged."""
-    flat = {}
-    for path, t in lora.targets.items():
-        ad = _lookup(adapters, path)
-        a = np.asarray(ad["a"], np.float32)
-        dead = ~np.any(a, axis=tuple(range(t.lead, a.ndim)))  # per layer of a scanned stack, else one flag
-        dead = dead.reshape(*dead.shape, *(1,) * (a.ndim - t.lead))
-        flat[path] = {"a": np.where(dead, np.asarray(_lookup(fresh, path)["a"]), a), "b": np.asarray(ad["b"])}
-    return _nest(flat)
+    return nest({k: jnp.asarray(v) for k, v in arrays.items()})

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxlm.core import distributed, flops, sharded_init
@@ -29,7 +27,7 @@ from jaxlm.core.sharding import batch_divisor
 from jaxlm.core.train_state import TrainState
 from jaxlm.model import attention, lora as lora_lib
 from jaxlm.model.transformer import Transformer
-from jaxlm.training import hooks, objectives, optim
+from jaxlm.training import base, hooks, objectives, optim
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.loop import Loop, LoopResult
 from jaxlm.training.metrics import MetricsWriter
@@ -70,14 +68,9 @@ def build(config: Config, impl: str | None = None) -> ModelSpec:
     if not c.targets:
         tx = optim.build_optimizer(config.optim, steps, sharded_init.abstract_params(model))
         return ModelSpec(config, model, tx, sharded_init.make_init_fn(model, tx, seed), model.apply, None, None)
-    lo = lora_lib.Lora(model, c, boxed_params(model))
+    lo = lora_lib.Lora(model, c, sharded_init.boxed_params(model))
     tx = optim.build_optimizer(config.optim, steps, lo.abstract_params(seed), trainable=lo.trainable)
     return ModelSpec(config, model, tx, lo.make_init_fn(tx, seed), lo.apply, "lora", lo)
-
-
-def boxed_params(model: Transformer):
-    """The model's params as ShapeDtypeStructs still boxed with their logical axis names."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
 
 
 def abstract_state(spec: ModelSpec, mesh) -> TrainState:
@@ -86,7 +79,7 @@ def abstract_state(spec: ModelSpec, mesh) -> TrainState:
 
 def initial_state(spec: ModelSpec, abstract: TrainState, mesh, base_params=None) -> TrainState:
     """A fresh state: random, or with `base_params` in place (never first built at random), quantized for
-    QLoRA; LoRA adapters fresh (B = 0) or from `lora.init_from`."""
+    QLoRA; LoRA adapters fresh (B = 0) or the ones `model.init_from` continues."""
     lo, c = spec.lora, spec.config.lora
     if base_params is None:
         state = sharded_init.materialize(spec.init, abstract)
@@ -95,17 +88,12 @@ def initial_state(spec: ModelSpec, abstract: TrainState, mesh, base_params=None)
         if lo is not None and c.quantize != "none":  # under jit: each code and scale is made on its shards
             from jaxlm.model.quantize import quantize_sharded
 
-            base_params = quantize_sharded(base_params, c.quantize, c.block_size, boxed_params(spec.model), mesh)
+            base_params = quantize_sharded(base_params, c.quantize, c.block_size, sharded_init.boxed_params(spec.model), mesh)
         target = abstract.params if lo is None else abstract.params["base"]
         base_params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), base_params, target)
         state = state.replace(params=base_params if lo is None else {"base": base_params, **state.params})
-    if lo is not None and c.init_from:  # continue from saved or PEFT adapters instead of fresh ones
-        from jaxlm.core import rundir
-
-        directory = os.path.expanduser(c.init_from)
-        if os.path.isfile(os.path.join(directory, rundir.ADAPTERS, lora_lib.ADAPTER_FILE)):
-            directory = os.path.join(directory, rundir.ADAPTERS)  # a finetuned run directory
-        adapters = lora_lib.initial_adapters(directory, lo, spec.config.model, spec.config.train.seed)
+    adapters = base.initial_adapters(spec.config, lo) if lo is not None else None
+    if adapters is not None:  # continue from saved or PEFT adapters instead of fresh ones
         adapters = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), adapters, abstract.params["lora"])
         state = state.replace(params={**state.params, "lora": adapters})
     return state

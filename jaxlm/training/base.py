@@ -2,7 +2,11 @@
 
 - "" : random weights;
 - "hf:DIR" : a Hugging Face checkpoint, streamed onto the mesh (its config.json sets the model's shape);
-- a jaxlm run directory: that run's latest model checkpoint (its config sets the shape).
+- a jaxlm run directory: that run's latest model checkpoint (its config sets the shape; a LoRA run's is
+  its merged model);
+- adapters to continue training (needs `lora.targets`): `RUN/adapters` (a finished LoRA run's, put back on
+  that run's own base), a PEFT adapter directory (on its `base_model_name_or_path` when that is a local
+  Hugging Face directory), or `BASE+ADAPTERS` to name the base explicitly.
 The run computes as it is told (dtype, remat, attention kernel); the base fixes shape and layout.
 """
 
@@ -13,14 +17,27 @@ import json
 import os
 
 import jax
+import numpy as np
 
-from jaxlm.core import atomic, rundir
-from jaxlm.core.config import Config, ConfigError, validate
-from jaxlm.core.sharding import tree_shardings
+from jaxlm.core import atomic, overrides, rundir, sharded_init
+from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
+from jaxlm.core.sharding import path_str, tree_shardings
+from jaxlm.hf import importer, peft, tokenizer as hf_tokenizer
+from jaxlm.model import attention, lora as lora_lib
+from jaxlm.model.transformer import Transformer
 from jaxlm.training.checkpoint import Checkpointer
 
 # Settings of the base model that a run starting from it chooses for itself.
 COMPUTE = ("dtype", "remat", "attention", "init_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """`model.init_from` read: the base weights ("" | "hf:DIR" | a run directory) and the adapters
+    directory to continue from ("" for fresh adapters)."""
+
+    base: str
+    adapters: str = ""
 
 
 def is_hf(ref: str) -> bool:
@@ -28,13 +45,54 @@ def is_hf(ref: str) -> bool:
 
 
 def directory(ref: str) -> str:
-    """The directory `model.init_from` names (hf:DIR or a run directory)."""
+    """The directory a reference names (hf:DIR or a run directory)."""
     return os.path.abspath(os.path.expanduser(ref.removeprefix("hf:")))
 
 
-def _run_config(run: str) -> Config:
-    from jaxlm.core import overrides
+def _adapter_kind(path: str) -> str:
+    """"jaxlm", "peft" or "" for what adapters `path` holds."""
+    if os.path.isfile(os.path.join(path, lora_lib.ADAPTER_FILE)):
+        return "jaxlm"
+    return "peft" if os.path.isfile(os.path.join(path, peft.CONFIG_FILE)) else ""
 
+
+def parse(ref: str) -> Start:
+    """The base and adapters `model.init_from=ref` names."""
+    if not ref or is_hf(ref) and "+" not in ref:
+        return Start(ref)
+    if "+" in ref:
+        base, adapters = ref.rsplit("+", 1)
+        path = directory(adapters)
+        if not _adapter_kind(path) and _adapter_kind(os.path.join(path, rundir.ADAPTERS)):
+            path = os.path.join(path, rundir.ADAPTERS)  # a LoRA run directory: its adapters
+        if not _adapter_kind(path):
+            raise ConfigError(f"model.init_from={ref}: {path} holds neither {lora_lib.ADAPTER_FILE} (jaxlm adapters) "
+                              f"nor {peft.CONFIG_FILE} (a PEFT adapter); BASE+ADAPTERS needs an adapter directory")
+        return Start(base, path)
+    path = directory(ref)
+    kind = _adapter_kind(path)
+    if kind == "jaxlm":
+        run = os.path.dirname(path)
+        if not os.path.isfile(os.path.join(run, rundir.CONFIG)):
+            raise ConfigError(f"model.init_from={ref} holds adapters outside a run directory, so their base is "
+                              f"unknown; name it: model.init_from=BASE+{ref}")
+        return Start(parse(_run_config(run).model.init_from).base, path)
+    if kind == "peft":
+        return Start(_peft_base(ref, path), path)
+    return Start(ref)
+
+
+def _peft_base(ref: str, path: str) -> str:
+    with open(os.path.join(path, peft.CONFIG_FILE)) as f:
+        named = json.load(f).get("base_model_name_or_path") or ""
+    local = os.path.abspath(os.path.join(path, os.path.expanduser(named))) if named else ""
+    if not local or not os.path.isfile(os.path.join(local, "config.json")):
+        raise ConfigError(f"the PEFT adapter {ref} names its base as {named!r}, not a local Hugging Face directory; "
+                          f"name it: model.init_from=hf:BASE_DIR+{ref}")
+    return "hf:" + local
+
+
+def _run_config(run: str) -> Config:
     if not os.path.isfile(os.path.join(run, rundir.CONFIG)):
         raise ConfigError(f"model.init_from={run} is not a jaxlm run directory (no {rundir.CONFIG}) and has no "
                           f"hf: prefix; pass a run directory or hf:DIR for a Hugging Face checkpoint")
@@ -42,18 +100,17 @@ def _run_config(run: str) -> Config:
 
 
 def resolve(config: Config) -> Config:
-    """`config` with the model shape of its `model.init_from`, and the base's tokenizer for the data
-    unless one is set."""
-    ref = config.model.init_from
-    if not ref:
+    """`config` with the model shape of its base, and the base's tokenizer for the data unless one is set."""
+    start = parse(config.model.init_from)
+    if start.adapters and not config.lora.targets:
+        raise ConfigError(f"model.init_from={config.model.init_from} continues LoRA adapters, which needs "
+                          f"lora.targets; set them (and lora.rank) as the adapters were trained")
+    if not start.base:
         return config
-    if is_hf(ref):
-        from jaxlm.hf import importer
-
-        return importer.resolve_init_from(config)
-    run = directory(ref)
-    base = _run_config(run).model
-    model = dataclasses.replace(base, **{k: getattr(config.model, k) for k in COMPUTE})
+    if is_hf(start.base):
+        return importer.resolve_init_from(config, directory(start.base))
+    run = directory(start.base)
+    model = dataclasses.replace(_run_config(run).model, **{k: getattr(config.model, k) for k in COMPUTE})
     data = config.data
     if not data.tokenizer:
         names = [n for n in rundir.TOKENIZER_FILES if os.path.isfile(os.path.join(run, n))]
@@ -64,46 +121,45 @@ def resolve(config: Config) -> Config:
 
 def load_params(config: Config, model, mesh, progress: bool = True):
     """The base's params on `mesh`, each array born on its shards; None for random weights."""
-    ref = config.model.init_from
+    ref = parse(config.model.init_from).base
     if not ref:
         return None
     if is_hf(ref):
-        from jaxlm.hf import importer
-
         return importer.load_params(directory(ref), dataclasses.replace(config.model, init_from=""), mesh,
                                     progress=progress)
-    from jaxlm.core import sharded_init
-    from jaxlm.training.assembly import boxed_params
+    return run_params(directory(ref), model, mesh)
 
-    run = directory(ref)
+
+def run_model(ref: str, mesh) -> tuple[Transformer, dict]:
+    """The latest model of the run directory `ref` as that run computes it (a LoRA run's: merged), on `mesh`."""
+    saved = _run_config(directory(ref)).model
+    model = Transformer(saved, attention.resolve(saved.attention))
+    return model, run_params(directory(ref), model, mesh)
+
+
+def run_params(run: str, model, mesh):
+    """The params of `run`'s latest model checkpoint, for `model` (the run's shape), on `mesh`."""
     saved = _run_config(run)
-    boxed = boxed_params(model)
+    boxed = sharded_init.boxed_params(model)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             sharded_init.strip_boxes(boxed), tree_shardings(boxed, mesh))
-    ckpt = Checkpointer(rundir.checkpoint_dir(run, saved.checkpoint.dir), saved.checkpoint)
-    try:
+    with Checkpointer(rundir.checkpoint_dir(run, saved.checkpoint.dir), saved.checkpoint) as ckpt:
         step = ckpt.latest_step()
         if step is None:
-            raise ConfigError(f"model.init_from={run} holds no complete checkpoint; train it first")
+            raise ConfigError(f"{run} holds no complete checkpoint; train it first")
         return ckpt.restore_params(step, abstract)
-    finally:
-        ckpt.close()
 
 
 def copy_files(config: Config, run_dir: str) -> None:
     """Copies what a run started from the base must carry: the tokenizer (and its Hugging Face files) and
     hf_config.json, so that generate and export need nothing else."""
-    ref = config.model.init_from
+    ref = parse(config.model.init_from).base
     if not ref:
         return
     src = directory(ref)
     if is_hf(ref):
-        from jaxlm.hf import importer
-
         importer.copy_run_files(src, run_dir)
         return
-    from jaxlm.hf import tokenizer as hf_tokenizer
-
     hf_tokenizer.copy_files(src, run_dir)
     if os.path.isfile(os.path.join(src, rundir.HF_CONFIG)):
         with open(os.path.join(src, rundir.HF_CONFIG)) as f:
@@ -112,4 +168,66 @@ def copy_files(config: Config, run_dir: str) -> None:
 
 def template_dir(config: Config) -> str:
     """Where the base's chat template and tokenizer files live ("" for none)."""
-    return directory(config.model.init_from) if config.model.init_from else ""
+    ref = parse(config.model.init_from).base
+    return directory(ref) if ref else ""
+
+
+def initial_adapters(config: Config, lora: lora_lib.Lora) -> dict | None:
+    """The adapters `model.init_from` continues from (None: fresh ones), as host float32 arrays shaped like
+    `lora.init`'s, read from jaxlm adapters (`lora.save_adapters`) or a PEFT adapter directory.
+
+    The saved rank must equal lora.rank (a ConfigError names the value to set). A different alpha is
+    allowed: B is rescaled by saved_alpha / lora.alpha, so the update (alpha / r) * A @ B is unchanged.
+    Layers a PEFT adapter leaves out (zero A and B, which never train: each one's gradient is through
+    the other) get fresh A with B still zero, as `init` would give them."""
+    path = parse(config.model.init_from).adapters
+    if not path:
+        return None
+    if _adapter_kind(path) == "jaxlm":
+        meta = _read_meta(os.path.join(path, lora_lib.ADAPTER_CONFIG))
+        _check_rank(meta["rank"], lora, os.path.join(path, lora_lib.ADAPTER_CONFIG))
+        adapters, alpha = lora_lib.load_adapters(path, lora), meta["alpha"]
+    else:
+        adapters, alpha = _peft_adapters(path, lora, config.model, config.train.seed)
+    factor = alpha / lora.config.alpha
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: np.asarray(x, np.float32) * (factor if path_str(p).endswith("/b") else 1.0), adapters)
+
+
+def _peft_adapters(path: str, lora: lora_lib.Lora, model: ModelConfig, seed: int) -> tuple[dict, float]:
+    saved, adapters = peft.import_adapters(path, model)
+    _check_rank(saved.rank, lora, os.path.join(path, peft.CONFIG_FILE))
+    found = {path_str(p)[:-2] for p, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+    if found != set(lora.targets):
+        raise ConfigError(f"the PEFT adapter {path} adapts {sorted(found)[:4]} but lora.targets selects "
+                          f"{sorted(lora.targets)[:4]}; set lora.targets={saved.targets}")
+    fresh = sharded_init.strip_boxes(lora.init(jax.random.key(seed)))
+    return _revive(adapters, fresh, lora), saved.alpha
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return {"rank": int(meta["rank"]), "alpha": float(meta["alpha"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read {path} (written with the adapters by lora.save_adapters): {e!r}") from None
+
+
+def _check_rank(rank: int, lora: lora_lib.Lora, path: str) -> None:
+    if rank != lora.config.rank:
+        raise ConfigError(f"{path} has LoRA rank {rank} but lora.rank={lora.config.rank}; set lora.rank={rank}")
+
+
+def _revive(adapters, fresh, lora: lora_lib.Lora) -> dict:
+    """Fresh A (from `fresh`) wherever a layer's A is all zero; B stays zero there, so the model is unchanged."""
+    flat = {}
+    for path, t in lora.targets.items():
+        ad, new = lora_lib.lookup(adapters, path), lora_lib.lookup(fresh, path)
+        a = np.asarray(ad["a"], np.float32)
+        dead = ~np.any(a, axis=tuple(range(t.lead, a.ndim)))  # per layer of a scanned stack, else one flag
+        dead = dead.reshape(*dead.shape, *(1,) * (a.ndim - t.lead))
+        flat[path] = {"a": np.where(dead, np.asarray(new["a"]), a), "b": np.asarray(ad["b"])}
+    return lora_lib.nest(flat)

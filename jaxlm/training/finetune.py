@@ -125,17 +125,15 @@ def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int)
     return train, held, report
 
 
-def _reference(config: Config, rows: list, batch_size: int, progress: bool):
+def _reference(config: Config, rows: list, mesh, batch_size: int, progress: bool):
     """before_restore(starting state): fills the DPO reference log-probs the data does not bring, from
     `finetune.reference` or else the starting model (for LoRA: B = 0, the base)."""
 
     def fill(state, spec):
         params, apply = state.params, spec.apply_fn
         if config.finetune.reference:
-            from jaxlm.inference.load import load_run
-
-            ref = load_run(config.finetune.reference)
-            params, apply = ref.params, ref.model.apply
+            model, params = base.run_model(config.finetune.reference, mesh)
+            apply = model.apply
         for r in rows:
             if r is not None:
                 dpo.fill_reference(apply, params, r, batch_size, progress)
@@ -147,8 +145,6 @@ def finetune(config: Config) -> FinetuneSummary:
     """Finetunes per `config` (config.task is sft or dpo), resuming from the run's latest checkpoint."""
     if config.task not in ("sft", "dpo"):
         raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft or task=dpo")
-    if config.lora.init_from and not config.lora.targets:
-        raise ConfigError("lora.init_from needs lora.targets (the adapted weights); set them as the adapters were trained")
     config = base.resolve(config)
     run_dir = run_dir_of(config)
     model_dir = rundir.checkpoint_dir(run_dir, config.checkpoint.dir)  # what generate and export read
@@ -171,7 +167,7 @@ def finetune(config: Config) -> FinetuneSummary:
         dpo_refs = config.task == "dpo" and not done
         need_base = spec.lora is not None or dpo_refs or latest is None
         params = base.load_params(config, spec.model, mesh, t.progress) if need_base else None
-        fill = _reference(config, [train_rows, eval_rows], t.batch_size, t.progress and primary) if dpo_refs else None
+        fill = _reference(config, [train_rows, eval_rows], mesh, t.batch_size, t.progress and primary) if dpo_refs else None
         run = assembly.assemble(spec, mesh, ckpt_dir, params, fill and (lambda state: fill(state, spec)))
         del params
         if done and run.start < t.steps and config.task == "dpo":  # the latest step was damaged and set aside

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any, Callable
 
 import jax
 
 from jaxlm.core import distributed, mesh as mesh_lib, rundir
-from jaxlm.core.config import Config
+from jaxlm.core.config import Config, ConfigError
 from jaxlm.core.overrides import to_dict
 from jaxlm.core.sharded_init import abstract_params
 from jaxlm.core.sharding import global_batch
@@ -63,8 +64,16 @@ def start(config: Config):
     return mesh
 
 
-def train(config: Config) -> RunSummary:
+# (config, model, tokenizer path) -> (params -> results of `train.eval_tasks`). The evaluation harness sits
+# above training, so the command that runs training hands it in (`evaluation.runner.in_training`).
+TaskEvaluator = Callable[[Config, Any, str], Callable[[Any], dict]]
+
+
+def train(config: Config, tasks: TaskEvaluator | None = None) -> RunSummary:
     """Pretrains per `config`, resuming from the run's latest checkpoint."""
+    if config.train.eval_tasks and tasks is None:
+        raise ConfigError("train.eval_tasks needs the evaluation harness: run `jaxlm train`, or pass "
+                          "tasks=jaxlm.evaluation.runner.in_training")
     config = base.resolve(config)
     ckpt_dir = rundir.checkpoint_dir(run_dir_of(config), config.checkpoint.dir)
     rd, changes, latest = open_run(config, ckpt_dir)
@@ -92,7 +101,7 @@ def train(config: Config) -> RunSummary:
         objective = assembly.objective(config, spec)
         first = global_batch(next(batches), mesh)
         compiled = assembly.compile_step(spec, objective, run.state, first)
-        evaluate = _evaluator(config, spec, data, mesh)
+        evaluate = _evaluator(config, spec, data, mesh, tasks)
         _, result = assembly.run_loop(run, rd.directory, compiled, first, batches, evaluate)
     return RunSummary(rd.directory, result.step, run.ckpt.directory, result.stopped_by, result.skipped,
                       result.last, changes)
@@ -106,27 +115,11 @@ def _write_run_files(rd: rundir.RunDir, config: Config, start: int, tokenizer_pa
     base.copy_files(config, rd.directory)
 
 
-def _evaluator(config: Config, spec, data, mesh) -> Evaluator | None:
+def _evaluator(config: Config, spec, data, mesh, tasks: TaskEvaluator | None) -> Evaluator | None:
     """Held-out loss over `train.eval_batches` fixed batches, then `train.eval_tasks`."""
     t = config.train
     batches = ([global_batch(b, mesh) for b in pipeline.eval_batches(data.eval, t.batch_size, t.eval_batches)]
                if data.eval is not None and t.eval_batches else [])
-    tasks = _task_evaluator(config, spec.model, data.tokenizer_path) if t.eval_tasks else None
-    evaluator = Evaluator(assembly.objective(config, spec, train=False), batches, tasks)
+    run_tasks = tasks(config, spec.model, data.tokenizer_path) if t.eval_tasks else None
+    evaluator = Evaluator(assembly.objective(config, spec, train=False), batches, run_tasks)
     return evaluator if evaluator else None
-
-
-def _task_evaluator(config: Config, model, tokenizer_path: str):
-    """params -> results of `train.eval_tasks`, run with the training mesh's params as they are."""
-    from jaxlm.data import tokenizer as tokenizer_lib
-    from jaxlm.evaluation import runner
-    from jaxlm.inference.scoring import Scorer
-
-    for task in config.train.eval_tasks:
-        runner.check_task(task)
-    tokenizer = tokenizer_lib.load(tokenizer_path)
-    texts = runner.heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
-    limit = config.train.eval_limit or None
-    scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape
-    return lambda params: runner.run_tasks(model, params, tokenizer, config, list(config.train.eval_tasks),
-                                           texts=texts, limit=limit, progress=False, scorer=scorer)

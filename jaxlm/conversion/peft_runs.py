@@ -10,6 +10,9 @@ import numpy as np
 from jaxlm.core import rundir
 from jaxlm.core.config import ConfigError
 from jaxlm.hf.peft import export, import_adapters
+from jaxlm.inference.load import load_run
+from jaxlm.model import lora as lora_lib
+from jaxlm.training.checkpoint import save_params
 
 
 def export_run(run_dir: str, out: str, base_model: str = "") -> str:
@@ -43,9 +46,6 @@ def import_run(adapter_dir: str, base_run: str, out: str) -> str:
     from jaxlm.core import atomic
     from jaxlm.core.overrides import to_dict
     from jaxlm.hf import tokenizer as hf_tokenizer
-    from jaxlm.inference.load import load_run
-    from jaxlm.model import lora as lora_lib
-    from jaxlm.training.checkpoint import save_params
 
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and os.listdir(out):
