@@ -43,6 +43,9 @@ def test_each_form_names_its_base_and_adapters(tmp_path):
     with pytest.raises(ConfigError, match=r"not a local Hugging Face directory; name it: model.init_from=hf:BASE_DIR\+"):
         base.parse(str(peft))
     assert base.parse(f"hf:{hf}+{peft}") == base.Start(f"hf:{hf}", str(peft))
+    (peft / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read .*adapter_config.json"):
+        base.parse(str(peft))
 
 
 def test_base_plus_a_directory_without_adapters_is_refused():

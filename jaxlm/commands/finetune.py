@@ -14,6 +14,7 @@ def add_parser(subparsers) -> None:
         description="Finetune a model: task=sft (default) on chat JSONL ({\"messages\": [...]} or\n"
                     "{\"prompt\", \"response\"}), loss on assistant tokens only; or task=dpo on\n"
                     "{\"prompt\", \"chosen\", \"rejected\"} JSONL. model.init_from: a jaxlm run directory, hf:DIR,\n"
+                    "RUN/adapters or a PEFT adapter directory (LoRA adapters to continue, on their base), BASE+ADAPTERS,\n"
                     "or empty for random weights. finetune.data: a JSONL file, chatterbot:english or\n"
                     "chatterbot:chinese. lora.targets (path regexes such as 'attn/(q|v)$') switch to LoRA,\n"
                     "lora.quantize=int8|nf4 to QLoRA.\n\nExample: jaxlm finetune sft_tiny model.init_from=runs/tiny\n\n"

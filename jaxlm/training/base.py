@@ -83,8 +83,11 @@ def parse(ref: str) -> Start:
 
 
 def _peft_base(ref: str, path: str) -> str:
-    with open(os.path.join(path, peft.CONFIG_FILE)) as f:
-        named = json.load(f).get("base_model_name_or_path") or ""
+    try:
+        with open(os.path.join(path, peft.CONFIG_FILE)) as f:
+            named = json.load(f).get("base_model_name_or_path") or ""
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"cannot read {os.path.join(path, peft.CONFIG_FILE)} (a PEFT adapter's config): {e}") from None
     local = os.path.abspath(os.path.join(path, os.path.expanduser(named))) if named else ""
     if not local or not os.path.isfile(os.path.join(local, "config.json")):
         raise ConfigError(f"the PEFT adapter {ref} names its base as {named!r}, not a local Hugging Face directory; "
