@@ -1,6 +1,7 @@
 """PEFT compatibility: jaxlm LoRA adapters load in `peft` with the same logits, and PEFT adapters import."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,33 @@ def test_adapter_made_by_peft_imports_with_the_same_logits(tmp_path):
     q = start["layers"]["attn"]["q"]
     assert np.all(np.abs(q["a"][0]).max(axis=0) > 0) and not np.any(q["b"][0])  # every rank component
     np.testing.assert_array_equal(q["a"][1], adapters["layers"]["attn"]["q"]["a"][1])
+
+
+def test_peft_import_makes_a_run_with_the_adapter_merged(tmp_path):
+    """`jaxlm peft import ADAPTER BASE_RUN OUT`: a run whose merged model gives peft's logits, written whole."""
+    import torch
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from hf_models import save_tokenizer
+    from jaxlm import cli
+    from jaxlm.inference.load import load_run
+
+    hf_dir = save_model("llama", str(tmp_path / "hf"))
+    save_tokenizer(hf_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    assert cli.main(["convert", "from-hf", hf_dir, str(tmp_path / "base_run")]) == 0
+    assert cli.main(["peft", "import", str(tmp_path / "adapter"), str(tmp_path / "base_run"), str(tmp_path / "out")]) == 0
+    run = load_run(str(tmp_path / "out"))
+    got = np.asarray(jax.jit(run.model.apply)({"params": run.params}, jnp.asarray(TOKENS)))
+    assert np.max(np.abs(got - _peft_logits(hf_dir, str(tmp_path / "adapter")))) <= 1e-4
+    assert not [n for n in os.listdir(tmp_path) if ".tmp." in n]
+    # An output directory that is not empty is refused before anything is read or written.
+    assert cli.main(["peft", "import", str(tmp_path / "adapter"), str(tmp_path / "base_run"), str(tmp_path / "out")]) == 2
 
 
 @pytest.mark.slow  # the whole chain through the CLI: about a minute on 2 cores

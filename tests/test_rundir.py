@@ -58,3 +58,23 @@ def test_a_failing_command_leaves_a_finished_run_intact_and_resuming_records_seg
     segments = sorted(os.listdir(run / "configs"))
     assert segments == ["0.json", "2.json"]
     assert [json.loads((run / "configs" / s).read_text())["train"]["steps"] for s in segments] == [2, 4]
+
+
+def test_new_directory_appears_whole_or_not_at_all(tmp_path):
+    from jaxlm.core import atomic
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic.new_directory(str(out)) as tmp:
+            (tmp_path / "out.tmp.x").mkdir()  # a stranger's temporary directory is left alone
+            open(os.path.join(tmp, "half.bin"), "w").close()
+            raise RuntimeError("killed mid-write")
+    assert sorted(os.listdir(tmp_path)) == ["out.tmp.x"]  # no `out`, no temporary left behind
+    out.mkdir()  # an empty directory may be filled
+    with atomic.new_directory(str(out)) as tmp:
+        open(os.path.join(tmp, "whole.bin"), "w").close()
+    assert os.listdir(out) == ["whole.bin"]
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        with atomic.new_directory(str(out)):
+            pass
+    assert os.listdir(out) == ["whole.bin"]

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 
 import jax
 
@@ -30,14 +29,14 @@ def from_hf(hf_dir: str, out: str, base: Config | None = None) -> Config:
     """Writes a jaxlm run directory at `out` (config.json, an Orbax checkpoint at step 0, the tokenizer and
     chat template) that `jaxlm generate`, `jaxlm train OUT/config.json` and export read."""
     hf_dir, out = os.path.abspath(os.path.expanduser(hf_dir)), os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
-    hf = importer.read_config(hf_dir)
     base = base or Config()
-    model = families.model_config(hf, base.model)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    model = families.model_config(importer.read_config(hf_dir), base.model)
+    with atomic.new_directory(out) as tmp:
+        config = _write_run(hf_dir, out, tmp, base, model)
+    return config
+
+
+def _write_run(hf_dir: str, out: str, tmp: str, base: Config, model) -> Config:
     tok_file = importer.copy_run_files(hf_dir, tmp)
     if tok_file is None:
         log.warning("%s has no %s: copy the model's tokenizer into %s before generating from or exporting it",
@@ -58,9 +57,6 @@ def from_hf(hf_dir: str, out: str, base: Config | None = None) -> Config:
         ckpt.save(0, state, None, to_dict(config), force=True)
         ckpt.close()
     atomic.write_json(os.path.join(tmp, rundir.CONFIG), to_dict(config))
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty, checked above
-    os.replace(tmp, out)
     return config
 
 
@@ -77,7 +73,7 @@ def to_hf(run_dir: str, out: str, dtype: str = "float32", step: int | None = Non
     if dtype not in exporter.DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported; use one of {', '.join(exporter.DTYPES)}")
     run_dir, out = os.path.abspath(os.path.expanduser(run_dir)), os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.exists(out) and os.listdir(out):  # before the checkpoint is read
         raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
     run = load_run(run_dir, step)
     c = run.config.model
@@ -90,15 +86,10 @@ def to_hf(run_dir: str, out: str, dtype: str = "float32", step: int | None = Non
     if template is None:  # a run pretrained by jaxlm: its tokenizer's special tokens
         config.update(bos_token_id=tok.bos_id(), eos_token_id=tok.eos_id(),
                       pad_token_id=tok.pad_id() if tok.pad_id() >= 0 else None)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    exporter.write_checkpoint(run.params, c, tmp, dtype, max_shard_bytes)
-    atomic.write_json(os.path.join(tmp, "config.json"), config)
-    copied = hf_tokenizer.copy_files(run_dir, tmp)
-    if copied == rundir.SENTENCEPIECE and not os.path.isfile(os.path.join(tmp, rundir.TOKENIZER_CONFIG)):
-        atomic.write_json(os.path.join(tmp, rundir.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok))
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
+    with atomic.new_directory(out) as tmp:
+        exporter.write_checkpoint(run.params, c, tmp, dtype, max_shard_bytes)
+        atomic.write_json(os.path.join(tmp, "config.json"), config)
+        copied = hf_tokenizer.copy_files(run_dir, tmp)
+        if copied == rundir.SENTENCEPIECE and not os.path.isfile(os.path.join(tmp, rundir.TOKENIZER_CONFIG)):
+            atomic.write_json(os.path.join(tmp, rundir.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok))
     return out

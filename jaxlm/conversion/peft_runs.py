@@ -3,12 +3,15 @@ make a run directory from a PEFT adapter and a base run (`jaxlm peft export|impo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-import numpy as np
+import jax
 
-from jaxlm.core import rundir
+from jaxlm.core import atomic, overrides, rundir, sharded_init
 from jaxlm.core.config import ConfigError
+from jaxlm.core.overrides import to_dict
+from jaxlm.hf import tokenizer as hf_tokenizer
 from jaxlm.hf.peft import export, import_adapters
 from jaxlm.inference.load import load_run
 from jaxlm.model import lora as lora_lib
@@ -17,7 +20,6 @@ from jaxlm.training.checkpoint import save_params
 
 def export_run(run_dir: str, out: str, base_model: str = "") -> str:
     """Exports the adapters of a `jaxlm finetune` LoRA run (<run>/adapters) as a PEFT adapter at `out`."""
-    from jaxlm.core import overrides
     from safetensors.numpy import load_file
 
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
@@ -39,27 +41,18 @@ def export_run(run_dir: str, out: str, base_model: str = "") -> str:
 def import_run(adapter_dir: str, base_run: str, out: str) -> str:
     """A new run directory `out`: `base_run`'s model with the PEFT adapter merged in (for generate and export),
     plus the adapter in jaxlm's own format (`out/adapters`)."""
-    import dataclasses
-
-    import jax
-
-    from jaxlm.core import atomic
-    from jaxlm.core.overrides import to_dict
-    from jaxlm.hf import tokenizer as hf_tokenizer
-
     out = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and os.listdir(out):
+    if os.path.exists(out) and os.listdir(out):  # before the base run is read
         raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
     run = load_run(base_run)
     lora_config, adapters = import_adapters(adapter_dir, run.config.model)
-    boxed = jax.eval_shape(lambda: run.model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
-    lo = lora_lib.Lora(run.model, lora_config, boxed)
+    lo = lora_lib.Lora(run.model, lora_config, sharded_init.boxed_params(run.model))
     merged = jax.jit(lo.merge)(run.params, adapters)
     config = dataclasses.replace(run.config, lora=lora_config, train=dataclasses.replace(run.config.train, run_dir=out),
                                  checkpoint=dataclasses.replace(run.config.checkpoint, dir=""))
-    os.makedirs(out, exist_ok=True)
-    hf_tokenizer.copy_files(os.path.abspath(os.path.expanduser(base_run)), out)
-    atomic.write_json(os.path.join(out, rundir.CONFIG), to_dict(config))
-    lora_lib.save_adapters(os.path.join(out, rundir.ADAPTERS), adapters, lora_config)
-    save_params(rundir.checkpoint_dir(out), merged, run.step, to_dict(config), config.checkpoint, config.train.seed)
+    with atomic.new_directory(out) as tmp:  # a failure leaves no half-written run behind
+        hf_tokenizer.copy_files(os.path.abspath(os.path.expanduser(base_run)), tmp)
+        atomic.write_json(os.path.join(tmp, rundir.CONFIG), to_dict(config))
+        lora_lib.save_adapters(os.path.join(tmp, rundir.ADAPTERS), adapters, lora_config)
+        save_params(rundir.checkpoint_dir(tmp), merged, run.step, to_dict(config), config.checkpoint, config.train.seed)
     return out

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 
+from jaxlm.core.config import ConfigError
+
 
 @contextlib.contextmanager
 def replacing(path: str):
@@ -25,6 +27,24 @@ def replacing(path: str):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 os.remove(tmp)
+
+
+@contextlib.contextmanager
+def new_directory(out: str):
+    """Yields a temporary directory to fill; it becomes `out` (absent or empty before) only when complete and
+    is removed on failure, so an output directory is never left half-written."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
+    tmp = f"{out}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str, text: str) -> None:

@@ -71,4 +71,4 @@ def in_training(config: Config, model, tokenizer_path: str):
     limit = config.train.eval_limit or None
     scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape
     return lambda params: run_tasks(model, params, tokenizer, config, list(config.train.eval_tasks),
-                                           texts=texts, limit=limit, progress=False, scorer=scorer)
+                                    texts=texts, limit=limit, progress=False, scorer=scorer)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import numpy as np
 
+from jaxlm.core import atomic
 from jaxlm.core.config import ConfigError, LoraConfig, ModelConfig
 from jaxlm.hf import families
 
@@ -73,17 +73,10 @@ def export(adapters: dict, lora: LoraConfig, c: ModelConfig, out: str, base_mode
         "target_modules": sorted(modules), "inference_mode": True, "modules_to_save": None,
     }
     out = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
-    tmp = f"{out}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
+    with atomic.new_directory(out) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
     return out
 
 
