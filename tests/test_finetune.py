@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import small_config
+from conftest import quick_jit, small_config
 
 from jaxlm import cli
 from jaxlm.core.config import LoraConfig, MeshConfig
@@ -67,8 +67,9 @@ def test_grad_accumulation_equals_one_whole_batch(task, lora):
             # Plain SGD, so the update is the gradient itself (Adam's first step is ~sign(g): it amplifies rounding).
             sgd = optax.sgd(1.0)
             state = state.replace(opt_state=sgd.init(state.params))
-            step = jax.jit(make_step(assembly.objective(config, spec), sgd, spec.trainable, grad_accum=accum))
-            state, metrics = step(state, global_batch(batch_np, mesh))
+            step = make_step(assembly.objective(config, spec), sgd, spec.trainable, grad_accum=accum)
+            batch = global_batch(batch_np, mesh)
+            state, metrics = quick_jit(step, state, batch)(state, batch)
             results.append(jax.device_get((metrics, state.params)))
     (m1, p1), (m4, p4) = results
     assert set(m1) == set(m4)

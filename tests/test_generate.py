@@ -1,7 +1,5 @@
 """Decoding: KV-cache greedy equals full-forward argmax; the sampling filters give the right distributions."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

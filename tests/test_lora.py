@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import quick_jit, small_config
 
 from jaxlm.core import sharded_init
 from jaxlm.core.config import ConfigError, LoraConfig, MeshConfig
@@ -85,10 +85,10 @@ def test_zero_b_equals_base_and_merge_equals_base_plus_adapter(scan):
 def test_a_lora_step_changes_only_adapters_and_the_base_holds_no_optimizer_state():
     config = small_config()
     model, lo, tx = _setup(config)
-    state = jax.jit(lo.make_init_fn(tx, seed=0))()
+    state = quick_jit(lo.make_init_fn(tx, seed=0))()
     state = sharded_init.strip_boxes(state)
     before = jax.device_get(state.params)
-    step = jax.jit(make_step(next_token(lo.apply), tx, trainable="lora"))
+    step = quick_jit(make_step(next_token(lo.apply), tx, trainable="lora"), state, _batch(config))
     for _ in range(2):
         state, metrics = step(state, _batch(config))
     after = jax.device_get(state.params)
@@ -188,8 +188,8 @@ def test_adapters_save_and_load(tmp_path):
 
 
 def _lora_logits(lo, base, adapters, config):
-    batch = _batch(config)
-    return np.asarray(jax.jit(lo.apply)({"params": {"base": base, "lora": adapters}}, batch["inputs"]))
+    variables, inputs = {"params": {"base": base, "lora": adapters}}, _batch(config)["inputs"]
+    return np.asarray(quick_jit(lo.apply, variables, inputs)(variables, inputs))
 
 
 @pytest.mark.parametrize("fmt", ["jaxlm", pytest.param("peft", marks=pytest.mark.slow)])  # the PEFT reader: test_peft.py
@@ -202,14 +202,14 @@ def test_initial_adapters_continue_from_saved_or_peft_adapters(fmt, tmp_path):
     _, lo, _ = _setup(config, LoraConfig(targets=TARGETS, rank=4, alpha=16.0))
     # "+DIR": adapters over a base named before the "+" (here none: the random base of the same seed)
     start = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=f"+{tmp_path}/ad"))
-    params = sharded_init.strip_boxes(jax.jit(saved_lo.make_params_fn(0))())
+    params = sharded_init.strip_boxes(quick_jit(saved_lo.make_params_fn(0))())
     adapters = jax.device_get(_random_b(params["lora"]))
     if fmt == "jaxlm":
         lora_lib.save_adapters(str(tmp_path / "ad"), adapters, saved_lo.config)
     else:
         peft_lib.export(adapters, saved_lo.config, config.model, str(tmp_path / "ad"))
     loaded = base.initial_adapters(start, lo)
-    assert jax.tree.structure(loaded) == jax.tree.structure(sharded_init.strip_boxes(lo.init(jax.random.key(0))))
+    assert jax.tree.structure(loaded) == jax.tree.structure(sharded_init.strip_boxes(jax.eval_shape(lo.init, jax.random.key(0))))
     np.testing.assert_allclose(loaded["layers"]["attn"]["q"]["b"], adapters["layers"]["attn"]["q"]["b"] / 2, rtol=1e-6)
     want = _lora_logits(saved_lo, params["base"], adapters, config)
     assert not np.allclose(want, _lora_logits(lo, params["base"], params["lora"], config), atol=1e-3)  # B matters

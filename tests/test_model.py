@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import quick_jit, small_config
 
 from jaxlm.core import overrides
 from jaxlm.core.config import ConfigError
@@ -29,12 +29,13 @@ def _batch(vocab=128, b=2, t=16, seed=0):
 
 
 def _init(model, batch):
-    return nn.unbox(model.init(jax.random.key(0), batch["inputs"]))["params"]
+    init = lambda key: nn.unbox(model.init(key, batch["inputs"]))["params"]
+    return quick_jit(init, jax.random.key(0))(jax.random.key(0))
 
 
 def _loss_and_grads(model, params, batch):
     f = lambda p: next_token(model.apply).loss(p, batch, None)[1]["loss"]
-    return jax.jit(jax.value_and_grad(f))(params)
+    return quick_jit(jax.value_and_grad(f), params)(params)
 
 
 @pytest.mark.slow  # two compiled value-and-grads (~20 s); the scanned model is what every other test runs

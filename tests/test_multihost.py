@@ -237,7 +237,7 @@ def test_watchdog_reports_a_hung_step_with_step_and_host():
         assert reports == []  # within the timeout: quiet
         time.sleep(0.5)
         assert 1 <= len(reports) <= 2  # repeated once per timeout, not on every 20 ms poll
-        assert f"step 7 has not finished after" in reports[0]
+        assert "step 7 has not finished after" in reports[0]
         assert f"host {socket.gethostname()} (process 1 of 2)" in reports[0]
         dog.beat(8, "checkpoint save")  # progress again; a new hang names the new phase
         time.sleep(0.5)

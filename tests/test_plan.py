@@ -86,13 +86,14 @@ def test_analytic_state_bytes_equal_the_real_sharded_arrays():
 
 
 def test_plan_report_names_its_methods_and_suggests_a_fix():
-    config = overrides.load(["llama3_8b"])
+    # Untiled, the float32 logits of 16 rows x 8192 tokens x 128256 vocabulary per chip are 67 GB.
+    config = overrides.load(["llama3_8b", "train.loss_chunks=1"])
     result = plan.make_plan(config, plan.parse_target("v5p-64"), mfu=0.5, method="analytic")
     assert not result.fits and result.compiled is None
-    assert result.suggestion == "optim.grad_accum=2"
-    fixed = plan.make_plan(overrides.load(["llama3_8b", "optim.grad_accum=2"]), plan.parse_target("v5p-64"),
-                           method="analytic")
-    assert fixed.fits
+    assert result.suggestion == "train.loss_chunks=0"
+    fixed = plan.make_plan(overrides.load(["llama3_8b"]), plan.parse_target("v5p-64"), method="analytic")
+    assert fixed.fits and fixed.loss_chunks == 64  # tiled by default, without gradient accumulation
+    assert "64 sequence pieces at a time" in plan.format_plan(overrides.load(["llama3_8b"]), fixed)
     # 6N + attention FLOPs per token times the tokens of a step; the time at the stated MFU.
     assert result.step_flops == pytest.approx(2.4286e17, rel=1e-3)
     assert result.step_time == pytest.approx(result.step_flops / (32 * 459e12 * 0.5))
@@ -101,6 +102,36 @@ def test_plan_report_names_its_methods_and_suggests_a_fix():
                 "DOES NOT FIT", "FLOPs per step", "at MFU 50%", "suggestion", "fsdp=32 on v5p:2x4x4"):
         assert row in text, row
     assert "analytic (exact shapes)" in text and "not compiled: analytic only" in text
+
+
+def test_plan_suggests_pipeline_stages_across_slices_and_reports_the_bubble():
+    # 8B on 4 slices of v5e-8 (16 GB chips) replicated over DCN: the weights and Adam state do not fit; stages
+    # across the slices divide them by 4.
+    words = ["llama3_8b", "mesh.dcn_data=-1", "train.batch_size=64", "train.seq_len=2048"]
+    target = plan.parse_target("v5e-8", slices=4)
+    result = plan.make_plan(overrides.load(words), target, method="analytic")
+    assert not result.fits and result.suggestion == "mesh.dcn_data=1 mesh.dcn_stage=4"
+    staged = overrides.load(words[:1] + words[2:] + ["mesh.dcn_stage=4"])
+    fixed = plan.make_plan(staged, target, method="analytic")
+    assert fixed.fits and fixed.microbatches == 8  # 64 rows / 8-way fsdp = 8 per shard: up to 4 per stage
+    assert fixed.bubble == pytest.approx(3 / 11)
+    # Each stage holds a quarter of the layers (the embedding and head are on every stage).
+    assert fixed.memory.params < result.memory.params / 2.5
+    assert fixed.step_time == pytest.approx(fixed.step_flops / (32 * 197e12 * 0.4) / (1 - 3 / 11))
+    assert "4 stages x 8 micro-batches x 1 repeats: bubble 27.3%" in plan.format_plan(staged, fixed)
+
+
+def test_fewer_rows_than_batch_shards_points_at_context_parallelism():
+    config = overrides.load(["llama3_8b", "train.seq_len=131072", "train.batch_size=8"])
+    with pytest.raises(ConfigError, match="split each row over devices instead with mesh.sequence"):
+        plan.make_plan(config, plan.parse_target("v5p-64"), method="analytic")
+    cp = plan.make_plan(overrides.load(["llama3_8b", "train.seq_len=131072", "train.batch_size=8",
+                                        "mesh.sequence=8"]), plan.parse_target("v5p-64"), method="analytic")
+    assert cp.fits
+    # fsdp=4 x sequence=8: an eighth of 2 rows per device, the saved activations of 32k tokens.
+    assert cp.memory.activations == plan.make_plan(
+        overrides.load(["llama3_8b", "train.seq_len=32768", "train.batch_size=32"]), plan.parse_target("v5p-64"),
+        method="analytic").memory.activations
 
 
 def test_cli_plan_help():

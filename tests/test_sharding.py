@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import small_config
+from conftest import quick_jit, small_config
 
 from jaxlm.core import sharded_init
 from jaxlm.core.config import CheckpointConfig, ConfigError, MeshConfig
@@ -51,10 +51,10 @@ def _one_step(config, mesh_name, batch_np):
         state, _ = sharded_init.create(init, mesh)
         batch = global_batch(batch_np, mesh)
         nll = lambda p: next_token(model.apply).loss(p, batch, None)[1]["loss"]
-        grad_fn = jax.jit(jax.value_and_grad(lambda p: nll(p) / batch["loss_mask"].sum()))
-        loss, grads = grad_fn(state.params)
-        step = jax.jit(make_step(next_token(model.apply), tx, grad_accum=config.optim.grad_accum), donate_argnums=0)
-        state, metrics = step(state, batch)
+        grad_fn = jax.value_and_grad(lambda p: nll(p) / batch["loss_mask"].sum())
+        loss, grads = quick_jit(grad_fn, state.params)(state.params)
+        step = make_step(next_token(model.apply), tx, grad_accum=config.optim.grad_accum)
+        state, metrics = quick_jit(step, state, batch)(state, batch)
         return jax.device_get((loss, grads, metrics["loss"], state.params))
 
 

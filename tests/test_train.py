@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import small_config
+from conftest import quick_jit, small_config
 
 from jaxlm.core import sharded_init
 from jaxlm.model.transformer import Transformer
@@ -133,12 +133,12 @@ def _state_and_step(config, trainable=None):
     model = Transformer(config.model)
     params = sharded_init.abstract_params(model)
     tx = optim.build_optimizer(config.optim, 10, params, trainable)
-    state = sharded_init.strip_boxes(sharded_init.make_init_fn(model, tx, 0)())
-    step = jax.jit(make_step(next_token(model.apply), tx))
+    state = sharded_init.strip_boxes(quick_jit(sharded_init.make_init_fn(model, tx, 0))())
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 128, (4, 17)), jnp.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": jnp.broadcast_to(jnp.arange(16), (4, 16)),
              "segment_ids": jnp.ones((4, 16), jnp.int32), "loss_mask": jnp.ones((4, 16), jnp.int32)}
+    step = quick_jit(make_step(next_token(model.apply), tx), state, batch)  # for this state and batch shape
     return state, step, batch
 
 

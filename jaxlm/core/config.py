@@ -151,13 +151,16 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes within a slice (ICI) and across slices (DCN). One ICI size and one DCN size may be
-    -1: it fills the devices (slices) the others leave."""
+    -1: it fills the devices (slices) the others leave. `stage` splits the layers into pipeline stages
+    (train.pipeline_*); `sequence` splits each row's tokens (context parallelism, ring attention)."""
 
+    stage: int = ranged(1, ge=1, special=(-1,))
     data: int = ranged(1, ge=1, special=(-1,))
     fsdp: int = ranged(-1, ge=1, special=(-1,))
     tensor: int = ranged(1, ge=1, special=(-1,))
     sequence: int = ranged(1, ge=1, special=(-1,))
     expert: int = ranged(1, ge=1, special=(-1,))
+    dcn_stage: int = ranged(1, ge=1, special=(-1,))
     dcn_data: int = ranged(1, ge=1, special=(-1,))
     dcn_fsdp: int = ranged(1, ge=1, special=(-1,))
     dcn_tensor: int = ranged(1, ge=1, special=(-1,))
@@ -283,6 +286,15 @@ class TrainConfig:
     peak_flops: float = ranged(0.0, ge=0)  # per device; 0 means look it up for the device kind
     run_dir: str = "runs/{name}"
     progress: bool = True
+    # The loss forms the logits this many sequence pieces at a time (training/losses.py), so the whole
+    # (B, T, V) float32 logits and their gradient never exist. 0: tile only when they would exceed 1 GiB
+    # per device; 1: never tile.
+    loss_chunks: int = ranged(0, ge=0)
+    # Pipeline parallelism (mesh.stage > 1): micro-batches per step (0: the most, up to 4 per stage, that
+    # divide each data shard's batch) and layer chunks per stage (1: GPipe; more: a circular schedule
+    # whose bubble is that many times smaller).
+    pipeline_microbatches: int = ranged(0, ge=0)
+    pipeline_repeats: int = ranged(1, ge=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,9 @@ from jax.sharding import AxisType, Mesh
 
 from jaxlm.core.config import ConfigError, MeshConfig
 
-# Outermost to innermost: the innermost axis gets the fastest links, so tensor parallelism goes last.
-AXES = ("data", "fsdp", "sequence", "expert", "tensor")
+# Outermost to innermost: the innermost axis gets the fastest links, so tensor parallelism goes last and
+# pipeline stages, which only pass activations to their neighbour, go first (across slices if need be).
+AXES = ("stage", "data", "fsdp", "sequence", "expert", "tensor")
 
 
 def _resolve(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:

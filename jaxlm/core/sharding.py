@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # Parameters.
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),  # context-parallel devices share the weights' memory like FSDP
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("layers", None),
+    ("layers", "stage"),  # pipeline stages hold contiguous runs of the scanned layers
     ("norm", None),
     ("expert", "expert"),
     # Activations.
@@ -43,13 +43,14 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes a dimension cannot be split over evenly (e.g. 2 KV heads over tensor=4)."""
+    """Drops mesh axes a dimension cannot be split over evenly (e.g. 2 KV heads over tensor=4), and axes of
+    size 1 (a mesh without pipeline stages leaves the layer axis unsharded)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept, size = [], 1
         for name in names:
-            if dim % (size * mesh.shape[name]) == 0:
+            if mesh.shape[name] > 1 and dim % (size * mesh.shape[name]) == 0:
                 kept.append(name)
                 size *= mesh.shape[name]
         fitted.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))

@@ -8,16 +8,20 @@ V vocabulary, L layers.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from jaxlm.core.config import ModelConfig
-from jaxlm.core.sharding import constrain
-from jaxlm.model import attention
-from jaxlm.model.layers import (MLP, GeluMLP, LayerNorm, RMSNorm, apply_rope, compute_dtype, dense, param_dtype,
-                          rope_frequencies, weight)
+from jaxlm.core.config import ConfigError, ModelConfig
+from jaxlm.core.sharding import BATCH_AXES, constrain
+from jaxlm.model import attention, context_parallel, pipeline
+from jaxlm.model.pipeline import Pipeline
+from jaxlm.model.layers import (MLP, GeluMLP, LayerNorm, LowRank, RMSNorm, apply_rope, compute_dtype, dense,
+                                param_dtype, rope_frequencies, weight)
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -68,7 +72,10 @@ class Attention(nn.Module):
         q_btnh = constrain(q_btnh, BTNH)
         k_btkh = constrain(k_btkh, BTKH)
         v_btkh = constrain(v_btkh, BTKH)
-        if layer_cache is None:
+        if layer_cache is None and sequence_shards() > 1 and not self.is_initializing():  # zigzag token order
+            out_btnh = context_parallel.sharded_ring_attention(
+                q_btnh, k_btkh, v_btkh, segment_ids_bt, sliding_window=c.sliding_window)
+        elif layer_cache is None:
             out_btnh = attention.attend(
                 q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
             )
@@ -85,6 +92,12 @@ class Attention(nn.Module):
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
             out_btd += self.param("o_bias", zeros, (c.d_model,), param_dtype(c)).astype(dt)
         return out_btd, layer_cache
+
+
+def sequence_shards() -> int:
+    """The size of the `sequence` mesh axis that context parallelism splits each row over (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get("sequence", 1)
 
 
 def norm(c: ModelConfig, name: str) -> nn.Module:
@@ -115,10 +128,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     config: ModelConfig
     impl: str = "xla"
+    pipeline: Pipeline = Pipeline()  # how the layers run on a mesh with pipeline stages (jaxlm.model.pipeline)
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, decode=None):
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, decode=None,
+                 hidden: bool = False):
         """Returns float32 logits (B, T, V). Segment ids separate packed documents; 0 marks padding.
+
+        With `hidden`, returns instead the final (normed) hidden states (B, T, D) and the output head (V, D),
+        both in the compute dtype, for a loss that forms the logits a piece at a time
+        (`jaxlm.training.losses.tiled_token_losses`).
 
         For decoding, `cache` holds every layer's keys and values ({"k", "v"}: (L, B, S, K, H), see
         `jaxlm.inference.generate`) and `decode` says where to write ({"slot"}) and which slots hold tokens ({"valid"});
@@ -130,6 +149,14 @@ class Transformer(nn.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
+        shards = sequence_shards() if cache is None and not self.is_initializing() else 1
+        if shards > 1:
+            # Context parallelism: every layer sees the row in zigzag order (balanced causal work per
+            # sequence shard, jaxlm.model.context_parallel); only attention depends on the order, and it
+            # knows the layout. The hidden states go back to the caller's order before the head.
+            zigzag = context_parallel.zigzag_order(tokens_bt.shape[1], shards)
+            tokens_bt, positions_bt, segment_ids_bt = (
+                jnp.take(a, zigzag, axis=1) for a in (tokens_bt, positions_bt, segment_ids_bt))
         embed = nn.Embed(
             c.vocab_size, c.d_model, dtype=dt, param_dtype=param_dtype(c),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed")),
@@ -144,7 +171,10 @@ class Transformer(nn.Module):
         block = Block
         if c.remat != "none" and cache is None:  # decoding takes no gradients
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-        if c.scan_layers:
+        stages = self._pipeline_on(cache, tokens_bt.shape[0])
+        if stages is not None:
+            x_btd = self._pipelined(x_btd, positions_bt, segment_ids_bt, *stages)
+        elif c.scan_layers:
             # The cache is scanned over its leading layer axis; everything else is the same for each layer.
             in_axes = nn.broadcast if cache is None else (nn.broadcast, nn.broadcast, 0, nn.broadcast)
             layers = nn.scan(
@@ -163,6 +193,8 @@ class Transformer(nn.Module):
             if cache is not None:
                 cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
+        if shards > 1:
+            x_btd = constrain(jnp.take(x_btd, context_parallel.inverse_order(zigzag), axis=1), BTD)
         x_btd = norm(c, "final_norm")(x_btd)
         if c.tie_embeddings:
             head_vd = embed.embedding
@@ -170,11 +202,47 @@ class Transformer(nn.Module):
             # Vocab-major like the embedding (and Hugging Face's lm_head): XLA:CPU computes this layout's
             # weight gradient faster.
             head_vd = weight(self, "lm_head", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
+        if isinstance(head_vd, LowRank):  # an adapted head: merged once, (V, D) like the plain weight
+            head_vd = head_vd.w + dense(head_vd.a, head_vd.b)
+        if hidden:
+            return x_btd, head_vd.astype(dt)
         logits_btv = dense(x_btd, head_vd.T.astype(dt))
         logits_btv = constrain(
             logits_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
         )
         return logits_btv if cache is None else (logits_btv, cache)
+
+
+    def _pipeline_on(self, cache, batch: int):
+        """(mesh, micro-batches) when the layers run as a pipeline: stages > 1, training or scoring (not
+        decoding), after `init` (which creates the same scanned params either way), and a batch that splits
+        into micro-batches. Another batch (an eval harness scoring a few rows) runs the plain scan, over
+        the same stage-sharded weights, with the same result; training checks its own batch at start
+        (`jaxlm.training.assembly.check_batch`)."""
+        mesh = jax.sharding.get_abstract_mesh()
+        if cache is not None or mesh.empty or mesh.shape.get(pipeline.AXIS, 1) == 1 or self.is_initializing():
+            return None
+        stages = mesh.shape[pipeline.AXIS]
+        if not self.config.scan_layers:
+            raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=true (the stages split the stacked layers)")
+        ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        try:
+            if batch % ways:
+                return None
+            return mesh, pipeline.microbatches_for(self.pipeline, stages, batch // ways)
+        except ConfigError:
+            return None
+
+    def _pipelined(self, x_btd, positions_bt, segment_ids_bt, mesh, microbatches: int):
+        c = self.config
+
+        def layer_fn(p, x, pos, seg):  # one layer as a pure function of its params
+            return Block(c, self.impl, parent=None).apply({"params": p}, x, pos, seg)[0]
+
+        if c.remat != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[c.remat])
+        return pipeline.run(layer_fn, self.variables["params"]["layers"], x_btd, positions_bt, segment_ids_bt,
+                            dataclasses.replace(self.pipeline, microbatches=microbatches), mesh)
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:

@@ -21,9 +21,11 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 from jaxlm.core import mesh as mesh_lib, sharded_init
 from jaxlm.core.config import Config
 from jaxlm.core.sharding import BATCH_AXES, batch_sharding, logical_sharding, tree_shardings
-from jaxlm.model import attention
+from jaxlm.model import attention, pipeline
+from jaxlm.model.pipeline import Pipeline
 from jaxlm.model.transformer import Transformer
 from jaxlm.training import assembly
+from jaxlm.training.losses import resolve_chunks
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 GIB = 1 << 30
@@ -96,6 +98,8 @@ def analytic(config: Config, sizes: dict[str, int], impl: str = "xla") -> Memory
     batch = len(BATCH_KEYS) * b_local * seq * 4
     b = max(b_local // o.grad_accum, 1)  # sequences per micro-batch on this device
     tokens = b * seq / sizes["sequence"]
+    stages, ring = sizes["stage"], sizes["sequence"]
+    chunks = resolve_chunks(t.loss_chunks, t.batch_size // o.grad_accum, seq, c.vocab_size, sizes)
     act = np.dtype(c.dtype).itemsize
     shard = lambda names, shape: math.prod(shape) // math.prod(logical_sharding(names, shape, mesh).shard_shape(shape))
     tp_heads = shard(("heads",), (c.num_heads,))
@@ -112,15 +116,19 @@ def analytic(config: Config, sizes: dict[str, int], impl: str = "xla") -> Memory
     window = min(seq, c.sliding_window) if c.sliding_window else seq
     blocks = min(8, max(1, seq // 64))
     square = tokens * window * (0.5 + 0.5 / blocks) if impl == "xla" else 0.0
+    if ring > 1:  # ring attention: one (T/2n x T/2n) zigzag sub-block of scores at a time, whatever the kernel
+        square = tokens / 2 * min(window, seq / (2 * ring))
     scores = square * c.num_heads / tp_heads * 4  # float32
+    # The ring's backward keeps every step's incoming key/value block: the whole row's keys and values.
+    ring_kv = kv * (ring - 1)
     # Saved per layer for the backward pass (fitted to XLA's TPU programs: norms and SwiGLU keep
     # float32 intermediates when nothing is rematerialised).
     per_layer = {
         "full": x,
         "dots_no_batch": x,  # every activation matmul has a batch dimension: as good as full
         "save_attention_out": x + q,
-        "dots": 6 * x + 2 * q + kv + 2 * mlp + scores,
-        "none": 6 * x + 4 * q + 2 * kv + 12 * mlp + scores * (1 + act / 4),
+        "dots": 6 * x + 2 * q + kv + 2 * mlp + scores + ring_kv,
+        "none": 6 * x + 4 * q + 2 * kv + 12 * mlp + scores * (1 + act / 4) + ring_kv,
     }[c.remat]
     if not c.scan_layers and c.remat == "none":
         per_layer += x  # unrolled layers also keep their outputs
@@ -128,15 +136,24 @@ def analytic(config: Config, sizes: dict[str, int], impl: str = "xla") -> Memory
     layer_weights = (2 * c.num_heads * h / tp_heads + 2 * c.num_kv_heads * h / tp_kv + 3 * c.mlp_dim / tp_mlp) * d * act
     if c.remat == "none" and sizes["fsdp"] > 1:
         per_layer += layer_weights  # with nothing recomputed, XLA keeps the gathered copy for the backward
-    activations = int(c.num_layers * per_layer)
+    # A stage saves its L/S layers' activations for all of its micro-batches: the whole local batch. Its
+    # pipeline also keeps stage 0's buffer of micro-batches and each tick's input for the backward pass.
+    activations = int(c.num_layers / stages * per_layer)
+    if stages > 1:
+        m = pipeline.microbatches_for(Pipeline(t.pipeline_microbatches, t.pipeline_repeats), stages, b)
+        activations += int(x * (2 + (m * t.pipeline_repeats + stages - 1) / m))
 
     # The transient peak is the larger of two phases of the backward pass. At the head: the float32
     # logits and their gradient (vocab sharded over tensor), plus the gradient accumulator when
     # accumulating. In the layers: the parameter gradients and one layer's recomputed activations.
     # Either way one layer's weights are all-gathered (FSDP) in the compute dtype, forward and backward.
     grads = params
-    head = tokens * c.vocab_size / tp_vocab * 8 + (grads if o.grad_accum > 1 else 0)
-    one_layer = 6 * x + 4 * q + 2 * kv + 12 * mlp + scores * (1 + act / 4)
+    # With the loss tiled (train.loss_chunks), only one chunk's logits and their gradient exist at a time,
+    # next to the float32 gradient of the head.
+    head = tokens / chunks * c.vocab_size / tp_vocab * 8 + (grads if o.grad_accum > 1 else 0)
+    if chunks > 1:
+        head += c.vocab_size / tp_vocab * d / shard(("embed",), (d,)) * 4
+    one_layer = 6 * x + 4 * q + 2 * kv + 12 * mlp + scores * (1 + act / 4) + ring_kv
     layers = grads * (2 if o.grad_accum > 1 else 1) + (one_layer if c.remat != "none" else 0)
     temporaries = int(max(head, layers) + 2 * layer_weights)  # gathered for the forward and the backward
     return Memory(params, optimizer, batch, activations, temporaries, "analytic")
@@ -148,7 +165,7 @@ def compiled(config: Config, devices) -> Compiled:
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     impl = attention.resolve(config.model.attention, platform)
     spec = _spec(config)
-    model = Transformer(config.model, impl)  # the step runs the target's attention kernel
+    model = Transformer(config.model, impl, spec.model.pipeline)  # the step runs the target's attention kernel
     step_spec = dataclasses.replace(spec, model=model, apply_fn=model.apply)
     step = assembly.step_function(step_spec, assembly.objective(config, step_spec))
     t = config.train

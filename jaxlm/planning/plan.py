@@ -21,8 +21,10 @@ import numpy as np
 
 from jaxlm.core import flops, mesh as mesh_lib
 from jaxlm.core.config import Config, ConfigError
-from jaxlm.core.sharding import BATCH_AXES
+from jaxlm.model import pipeline
 from jaxlm.planning import memory as plan_memory
+from jaxlm.training import assembly
+from jaxlm.training.losses import resolve_chunks
 
 GIB = 1 << 30
 
@@ -139,6 +141,9 @@ class Plan:
     step_flops: float
     mfu: float
     suggestion: str = ""
+    loss_chunks: int = 1  # the loss's sequence pieces (1: whole logits)
+    microbatches: int = 0  # pipeline micro-batches (0: no stages)
+    bubble: float = 0.0  # the fraction of the step the pipeline stages idle
 
     @property
     def per_device(self) -> int:
@@ -152,7 +157,8 @@ class Plan:
 
     @property
     def step_time(self) -> float:
-        return self.step_flops / (self.target.chips * self.target.peak_flops * self.mfu)
+        """At the stated MFU while computing; a pipeline's bubble adds its idle ticks."""
+        return self.step_flops / (self.target.chips * self.target.peak_flops * self.mfu) / (1 - self.bubble)
 
 
 def _sizes(shape: dict) -> dict[str, int]:
@@ -184,26 +190,28 @@ def make_plan(config: Config, target: Target, mfu: float = 0.4, method: str = "a
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu={mfu} must be in (0, 1]")
     shape = mesh_lib.mesh_shape(config.mesh, target.chips, target.slices)
-    _check_batch(config, shape)
+    microbatches = _check_batch(config, shape)
+    sizes, t = _sizes(shape), config.train
+    bubble = pipeline.bubble_fraction(sizes["stage"], microbatches, t.pipeline_repeats) if microbatches else 0.0
+    chunks = resolve_chunks(t.loss_chunks, t.batch_size // config.optim.grad_accum, t.seq_len,
+                            config.model.vocab_size, sizes)
     memory = plan_memory.analytic(config, _sizes(shape), impl=_impl(config, target))
     devices, note = (None, "analytic only (--method analytic)") if method == "analytic" else target_devices(target)
     if devices is None and method == "compile":
         raise ConfigError(f"--method compile for {target.name}: {note}")
     compiled = plan_memory.compiled(config, devices) if devices is not None else None
     step_flops = flops.flops_per_token(config.model, config.train.seq_len) * config.train.batch_size * config.train.seq_len
-    plan = Plan(target, shape, placement(config.mesh, shape, target, devices), memory, compiled, note, step_flops, mfu)
+    plan = Plan(target, shape, placement(config.mesh, shape, target, devices), memory, compiled, note, step_flops, mfu,
+                loss_chunks=chunks, microbatches=microbatches, bubble=bubble)
     if not plan.fits:
         plan.suggestion = suggest(config, target)
     return plan
 
 
-def _check_batch(config: Config, shape: dict) -> None:
-    """The same rule `jaxlm train` enforces: each micro-batch splits evenly over the batch axes."""
-    ways = math.prod(_sizes(shape)[a] for a in BATCH_AXES)
-    micro = config.train.batch_size // config.optim.grad_accum
-    if micro % ways:
-        raise ConfigError(f"train.batch_size/optim.grad_accum={micro} is not divisible by the {ways}-way batch "
-                          f"sharding (mesh data*fsdp*expert) on this target; change one of them")
+def _check_batch(config: Config, shape: dict) -> int:
+    """The same rules `jaxlm train` enforces (batch, pipeline and sequence splits); returns the pipeline's
+    micro-batch count (0 without stages)."""
+    return assembly.check_parallelism(config, _sizes(shape))
 
 
 def _impl(config: Config, target: Target) -> str:
@@ -212,8 +220,40 @@ def _impl(config: Config, target: Target) -> str:
     return {"tpu": "splash", "gpu": "cudnn"}[target.platform]
 
 
+def _with(config: Config, changes: dict) -> Config:
+    """`config` with overrides {"section.field": value}."""
+    for key, value in changes.items():
+        section, field = key.split(".")
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{field: value})})
+    return config
+
+
+def _levers(config: Config, target: Target) -> list[dict]:
+    """Changes to try, cheapest first, each with the ones before it that still apply: loss tiling, an
+    all-FSDP mesh, context parallelism (long rows), pipeline stages (across slices, else within one), and
+    last gradient accumulation, which shrinks the batch each step sees."""
+    t, m = config.train, config.mesh
+    base: dict = {"train.loss_chunks": 0} if t.loss_chunks == 1 else {}
+    levers = [{}, base] if base else [{}]
+    if (m.stage, m.data, m.fsdp, m.tensor, m.sequence, m.expert) != (1, 1, -1, 1, 1, 1):
+        base = {**base, **{f"mesh.{a}": 1 for a in mesh_lib.AXES}, "mesh.fsdp": -1}
+        levers.append(base)
+    if t.seq_len >= 8192:
+        levers += [{**base, "mesh.sequence": n} for n in (2, 4, 8) if t.seq_len % (2 * n) == 0]
+    stages = [target.slices] if target.slices > 1 else [2, 4, 8]
+    for n in stages:
+        if n > 1 and config.model.num_layers % n == 0:
+            key = "mesh.dcn_stage" if target.slices > 1 else "mesh.stage"
+            others = {f"mesh.dcn_{a}": 1 for a in mesh_lib.AXES if a != "stage"} if target.slices > 1 else {}
+            levers.append({**base, **others, key: n})
+    b = t.batch_size
+    levers += [{**base, "optim.grad_accum": a} for a in (2, 4, 8, 16, 32, 64)
+               if a > config.optim.grad_accum and b % a == 0]
+    return levers
+
+
 def suggest(config: Config, target: Target) -> str:
-    """The first change (by the analytic model) that fits: more remat, then all-FSDP, then accumulation."""
+    """The first change (by the analytic model) that fits: each of `_levers`, with the least remat that fits."""
     def fits(c: Config) -> bool:
         try:
             shape = mesh_lib.mesh_shape(c.mesh, target.chips, target.slices)
@@ -222,30 +262,15 @@ def suggest(config: Config, target: Target) -> str:
             return False
         return plan_memory.analytic(c, _sizes(shape), _impl(c, target)).total <= target.hbm * 0.95
 
-    def with_(c, section, **kw):
-        return dataclasses.replace(c, **{section: dataclasses.replace(getattr(c, section), **kw)})
-
     remats = REMAT_ORDER[REMAT_ORDER.index(config.model.remat):]
-    meshes = [({}, config)]
-    m = config.mesh
-    if (m.data, m.fsdp, m.tensor, m.sequence, m.expert) != (1, -1, 1, 1, 1):
-        meshes.append(({"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "mesh.sequence": 1, "mesh.expert": 1},
-                       with_(config, "mesh", data=1, fsdp=-1, tensor=1, sequence=1, expert=1)))
-    b = config.train.batch_size
-    accums = [a for a in (1, 2, 4, 8, 16, 32, 64) if a >= config.optim.grad_accum and b % a == 0]
-    for accum in accums:
-        for changes, base in meshes:
-            for remat in remats:
-                c = with_(with_(base, "model", remat=remat), "optim", grad_accum=accum)
-                if fits(c):
-                    extra = dict(changes)
-                    if remat != config.model.remat:
-                        extra["model.remat"] = remat
-                    if accum != config.optim.grad_accum:
-                        extra["optim.grad_accum"] = accum
-                    return " ".join(f"{k}={v}" for k, v in extra.items()) or "(fits as is)"
-    return ("nothing tried fits (remat, all-FSDP, gradient accumulation up to 64); use more chips, "
-            "a larger-HBM target, or model.param_dtype=bfloat16")
+    for lever in _levers(config, target):
+        for remat in remats:
+            changes = {**lever, "model.remat": remat}
+            if fits(_with(config, changes)):
+                changed = {k: v for k, v in changes.items() if v != getattr(getattr(config, k.split(".")[0]), k.split(".")[1])}
+                return " ".join(f"{k}={v}" for k, v in changed.items()) or "(fits as is)"
+    return ("nothing tried fits (remat, loss tiling, all-FSDP, context parallelism, pipeline stages, gradient "
+            "accumulation up to 64); use more chips, a larger-HBM target, or model.param_dtype=bfloat16")
 
 
 def _gib(n: float) -> str:
@@ -292,6 +317,13 @@ def format_plan(config: Config, plan: Plan) -> str:
                       f"({config.train.batch_size * config.train.seq_len / plan.step_time:,.0f} tokens/s)",
          "analytic"),
     ]
+    tiled = f"{plan.loss_chunks} sequence pieces at a time" if plan.loss_chunks > 1 else "whole (untiled)"
+    rows.insert(rows.index(next(r for r in rows if r[0] == "fits")),
+                ("loss logits", tiled, "config" if config.train.loss_chunks else "auto (train.loss_chunks=0)"))
+    if plan.microbatches:
+        rows.append(("pipeline", f"{_sizes(plan.mesh)['stage']} stages x {plan.microbatches} micro-batches"
+                                 f" x {config.train.pipeline_repeats} repeats: bubble {plan.bubble:.1%} of the step",
+                     "analytic (S-1)/(M*R+S-1)"))
     if plan.suggestion:
         rows.append(("suggestion", plan.suggestion, "analytic search"))
     width = max(len(r[0]) for r in rows)

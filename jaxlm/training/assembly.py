@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Callable
 
 import jax
@@ -23,12 +24,14 @@ import optax
 
 from jaxlm.core import distributed, flops, sharded_init
 from jaxlm.core.config import Config, ConfigError
-from jaxlm.core.sharding import batch_divisor
+from jaxlm.core.sharding import BATCH_AXES
 from jaxlm.core.train_state import TrainState
-from jaxlm.model import attention, lora as lora_lib
+from jaxlm.model import attention, context_parallel, lora as lora_lib, pipeline
+from jaxlm.model.pipeline import Pipeline
 from jaxlm.model.transformer import Transformer
 from jaxlm.training import base, hooks, objectives, optim
 from jaxlm.training.checkpoint import Checkpointer
+from jaxlm.training.losses import resolve_chunks
 from jaxlm.training.loop import Loop, LoopResult
 from jaxlm.training.metrics import MetricsWriter
 from jaxlm.training.preemption import StepBoundary, StopRequest
@@ -63,7 +66,9 @@ def without_base(state: TrainState, lo) -> TrainState:
 
 def build(config: Config, impl: str | None = None) -> ModelSpec:
     """The model and its optimizer; with `lora.targets`, adapters train and the base is frozen."""
-    model = Transformer(config.model, impl or attention.resolve(config.model.attention))
+    t = config.train
+    pipe = Pipeline(t.pipeline_microbatches, t.pipeline_repeats)
+    model = Transformer(config.model, impl or attention.resolve(config.model.attention), pipe)
     c, steps, seed = config.lora, config.train.steps, config.train.seed
     if not c.targets:
         tx = optim.build_optimizer(config.optim, steps, sharded_init.abstract_params(model))
@@ -152,15 +157,15 @@ def objective(config: Config, spec: ModelSpec, train: bool = True) -> objectives
 def _dpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
     from jaxlm.training import dpo
 
-    return dpo.objective(apply_fn, config.finetune.beta, dropout)
+    return dpo.objective(apply_fn, config.finetune.beta, dropout, config.train.loss_chunks)
+
+
+def _next_token(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
+    return objectives.next_token(apply_fn, config.optim.z_loss, dropout, config.train.loss_chunks)
 
 
 # task -> objective(config, apply_fn, dropout). A new training mode is a new entry here, not a new step.
-OBJECTIVES: dict[str, Callable] = {
-    "pretrain": lambda config, apply_fn, dropout: objectives.next_token(apply_fn, config.optim.z_loss, dropout),
-    "sft": lambda config, apply_fn, dropout: objectives.next_token(apply_fn, config.optim.z_loss, dropout),
-    "dpo": _dpo,
-}
+OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo}
 
 
 def step_function(spec: ModelSpec, objective_: objectives.Objective):
@@ -183,11 +188,39 @@ def compile_step(spec: ModelSpec, objective_: objectives.Objective, state: Train
 
 
 def check_batch(config: Config, mesh) -> None:
-    """Each micro-batch must split evenly over the batch axes of the mesh."""
-    micro = config.train.batch_size // config.optim.grad_accum
-    if micro % batch_divisor(mesh):
+    """Each micro-batch must split evenly over the batch axes of the mesh, into the pipeline's micro-batches
+    and, with context parallelism, each row over the sequence axis. Logs the pipeline's bubble."""
+    sizes = dict(mesh.shape)
+    microbatches = check_parallelism(config, sizes)
+    if microbatches:
+        stages, repeats = sizes["stage"], config.train.pipeline_repeats
+        log.info("pipeline: %d stages, %d micro-batches, %d layer chunks per stage: bubble %.1f%% of the step",
+                 stages, microbatches, repeats, 100 * pipeline.bubble_fraction(stages, microbatches, repeats))
+
+
+def check_parallelism(config: Config, sizes: dict[str, int]) -> int:
+    """`check_batch` for mesh axis sizes (also the planner's check for a target). Returns the pipeline's
+    micro-batch count, 0 without stages."""
+    t = config.train
+    micro = t.batch_size // config.optim.grad_accum
+    ways = math.prod(sizes[a] for a in BATCH_AXES)
+    if micro % ways:
+        fewer = ("; with fewer rows than batch shards, split each row over devices instead with mesh.sequence "
+                 "(context parallelism)") if micro < ways else ""
         raise ConfigError(f"train.batch_size/optim.grad_accum={micro} is not divisible by the "
-                          f"{batch_divisor(mesh)}-way batch sharding (mesh data*fsdp*expert); change one of them")
+                          f"{ways}-way batch sharding (mesh data*fsdp*expert); change one of them{fewer}")
+    stages, seq = sizes["stage"], sizes["sequence"]
+    if seq > 1:
+        context_parallel.check_length(t.seq_len, seq)
+    resolve_chunks(t.loss_chunks, micro, t.seq_len, config.model.vocab_size, sizes)
+    if stages > 1:
+        if seq > 1:
+            raise ConfigError(f"mesh.stage={stages} and mesh.sequence={seq} cannot be combined; use one of them")
+        if not config.model.scan_layers:
+            raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=true (the stages split the stacked layers)")
+        pipeline.check_layers(config.model.num_layers, stages, t.pipeline_repeats)
+        return pipeline.microbatches_for(Pipeline(t.pipeline_microbatches, t.pipeline_repeats), stages, micro // ways)
+    return 0
 
 
 def run_loop(run: Run, run_dir: str, compiled, first_batch, batches, evaluate=None,

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import chat
-from jaxlm.training.losses import token_losses
-from jaxlm.training.objectives import Objective, forward
+from jaxlm.training.objectives import Objective, per_token_losses
 from jaxlm.training.sft import Report, usable
 
 SIDES = ("chosen", "rejected")
@@ -75,22 +74,22 @@ def build_rows(rows, template: chat.Template, encode: Callable, seq_len: int, re
     return out
 
 
-def sequence_logps(apply_fn: Callable, params, batch: dict, rng=None, dropout: bool = False) -> dict[str, jax.Array]:
+def sequence_logps(apply_fn: Callable, params, batch: dict, rng=None, dropout: bool = False,
+                   loss_chunks: int = 0) -> dict[str, jax.Array]:
     """{side: (B,) summed log-probs of the response tokens}, both sides in one forward pass."""
     cat = lambda key: jnp.concatenate([batch[f"{s}_{key}"] for s in SIDES])
     both = {k: cat(k) for k in ("inputs", "positions", "segment_ids")}
-    logits = forward(apply_fn, params, both, rng, dropout)
-    _, nll = token_losses(logits, cat("targets"))
+    _, nll = per_token_losses(apply_fn, params, both, cat("targets"), rng, dropout, loss_chunks)
     logp = -jnp.sum(nll * cat("mask").astype(jnp.float32), axis=-1)
     b = batch["chosen_inputs"].shape[0]
     return {"chosen": logp[:b], "rejected": logp[b:]}
 
 
-def objective(apply_fn: Callable, beta: float, dropout: bool = False) -> Objective:
+def objective(apply_fn: Callable, beta: float, dropout: bool = False, loss_chunks: int = 0) -> Objective:
     """DPO as an objective: sums over the batch's pairs (`jaxlm.training.objectives`)."""
 
     def loss(params, batch, rng):
-        logp = sequence_logps(apply_fn, params, batch, rng, dropout)
+        logp = sequence_logps(apply_fn, params, batch, rng, dropout, loss_chunks)
         reward_c = beta * (logp["chosen"] - batch["ref_chosen"])
         reward_r = beta * (logp["rejected"] - batch["ref_rejected"])
         margin = reward_c - reward_r

@@ -151,6 +151,7 @@ def finetune(config: Config) -> FinetuneSummary:
     ckpt_dir = os.path.join(run_dir, rundir.TRAIN_STATE) if config.lora.targets else model_dir
     rd, changes, latest = open_run(config, ckpt_dir)
     mesh = start(config)
+    assembly.check_batch(config, mesh)
     t, primary = config.train, jax.process_index() == 0
 
     tok, tok_path = load_tokenizer(config)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from jaxlm.training.losses import cross_entropy
+from jaxlm.training.losses import head_logits, masked_sums, resolve_chunks, tiled_token_losses, token_losses
 
 TOTALS = ("tokens", "weight")  # summed over the batch and reported as sums; every other metric is a mean
 
@@ -32,20 +32,33 @@ class Objective:
     per_token: bool = True  # the loss is a mean per token, so evals also report perplexity
 
 
-def forward(apply_fn: Callable, params, batch, rng=None, dropout: bool = False, prefix: str = ""):
+def forward(apply_fn: Callable, params, batch, rng=None, dropout: bool = False, prefix: str = "", **kwargs):
     """The model's logits for `batch` (keys inputs/positions/segment_ids, each behind `prefix`)."""
-    kwargs = {"rngs": {"dropout": rng}} if dropout and rng is not None else {}
+    if dropout and rng is not None:
+        kwargs["rngs"] = {"dropout": rng}
     return apply_fn({"params": params}, batch[f"{prefix}inputs"], batch[f"{prefix}positions"],
                     batch[f"{prefix}segment_ids"], **kwargs)
 
 
-def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False) -> Objective:
+def per_token_losses(apply_fn: Callable, params, batch, targets, rng=None, dropout: bool = False,
+                     loss_chunks: int = 0):
+    """Per-token (logsumexp, -log p(target)) for `batch`, float32 (B, T) each. The logits are formed whole,
+    or that many sequence pieces at a time (`losses.tiled_token_losses`); `loss_chunks=0` decides by their
+    size per device."""
+    h_btd, head_vd = forward(apply_fn, params, batch, rng, dropout, hidden=True)
+    chunks = resolve_chunks(loss_chunks, *targets.shape, head_vd.shape[0])
+    if chunks == 1:
+        return token_losses(head_logits(h_btd, head_vd), targets)
+    return tiled_token_losses(h_btd, head_vd, targets, chunks)
+
+
+def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False, loss_chunks: int = 0) -> Objective:
     """Causal LM: cross-entropy of every target the batch's loss mask marks (pretraining and SFT alike;
     SFT's mask marks the assistant's tokens only)."""
 
     def loss(params, batch, rng):
-        logits = forward(apply_fn, params, batch, rng, dropout)
-        nll, zl, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        logz, nll = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, loss_chunks)
+        nll, zl, count = masked_sums(logz, nll, batch["loss_mask"], z_loss)
         tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
         return nll + zl, {"loss": nll, "weight": count, "tokens": tokens}
 
