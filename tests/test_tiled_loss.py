@@ -73,7 +73,8 @@ def _grads(config, loss_chunks, mesh=None):
         return quick_jit(f, params)(params)
 
 
-@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~8 s each
+@pytest.mark.slow  # ~8 s each; by default the sharded test below compares tiled with untiled on the model
+@pytest.mark.parametrize("tied", [False, True])
 def test_tiled_objective_equals_untiled_on_a_model(tied):
     config = small_config(tie_embeddings=tied)
     (v1, g1), (v4, g4) = _grads(config, 1), _grads(config, 4)
