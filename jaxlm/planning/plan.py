@@ -2,8 +2,9 @@
 
 For a target such as `v5p-256`, `v5e:8x8` or `h100x8` it reports the mesh and how it lies on the
 topology, the memory per device (parameters, optimizer state, batch, saved activations, the largest
-temporaries), whether it fits, the FLOPs per step and the step time at a stated MFU, and, when it does
-not fit, the first of a list of changes (remat, all-FSDP mesh, gradient accumulation) that does.
+temporaries), whether it fits, the FLOPs per step and the step time at a stated MFU (with a pipeline's
+bubble), and, when it does not fit, the first of a list of changes that does: remat, loss tiling, an all-FSDP
+mesh, context parallelism, pipeline stages, and last gradient accumulation.
 
 Every number says which method produced it: `analytic` (jaxlm/planning/memory.py, instant, no compiler),
 `XLA AOT <platform>` (the real train step compiled for the target's devices through
