@@ -159,7 +159,6 @@ def test_pipelined_transformer_keeps_the_checkpoint_layout():
         piped = jax.eval_shape(lambda: Transformer(config.model, "xla", Pipeline(2)).init(
             jax.random.key(0), jnp.zeros((2, 8), jnp.int32)))
     assert jax.tree.structure(plain) == jax.tree.structure(piped)
-    assert dataclasses.asdict(Pipeline()) == {"microbatches": 0, "repeats": 1}
 
 
 @pytest.mark.slow  # five `jaxlm train` processes (~2 min); the restore itself is checked above by default

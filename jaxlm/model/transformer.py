@@ -26,6 +26,7 @@ from jaxlm.model.layers import (MLP, GeluMLP, LayerNorm, LowRank, RMSNorm, apply
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -207,9 +208,7 @@ class Transformer(nn.Module):
         if hidden:
             return x_btd, head_vd.astype(dt)
         logits_btv = dense(x_btd, head_vd.T.astype(dt))
-        logits_btv = constrain(
-            logits_btv.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab")
-        )
+        logits_btv = constrain(logits_btv.astype(jnp.float32), BTV)
         return logits_btv if cache is None else (logits_btv, cache)
 
 
@@ -226,11 +225,11 @@ class Transformer(nn.Module):
         if not self.config.scan_layers:
             raise ConfigError(f"mesh.stage={stages} needs model.scan_layers=true (the stages split the stacked layers)")
         ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+        if batch % ways:
+            return None
         try:
-            if batch % ways:
-                return None
             return mesh, pipeline.microbatches_for(self.pipeline, stages, batch // ways)
-        except ConfigError:
+        except ConfigError:  # too few rows for the micro-batches
             return None
 
     def _pipelined(self, x_btd, positions_bt, segment_ids_bt, mesh, microbatches: int):

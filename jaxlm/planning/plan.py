@@ -268,7 +268,7 @@ def suggest(config: Config, target: Target) -> str:
         for remat in remats:
             changes = {**lever, "model.remat": remat}
             if fits(_with(config, changes)):
-                changed = {k: v for k, v in changes.items() if v != getattr(getattr(config, k.split(".")[0]), k.split(".")[1])}
+                changed = {k: v for k, v in changes.items() if _with(config, {k: v}) != config}
                 return " ".join(f"{k}={v}" for k, v in changed.items()) or "(fits as is)"
     return ("nothing tried fits (remat, loss tiling, all-FSDP, context parallelism, pipeline stages, gradient "
             "accumulation up to 64); use more chips, a larger-HBM target, or model.param_dtype=bfloat16")

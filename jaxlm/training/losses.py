@@ -11,6 +11,8 @@ import jax.numpy as jnp
 
 from jaxlm.core.config import ConfigError
 from jaxlm.core.sharding import BATCH_AXES, constrain
+from jaxlm.model.layers import dense
+from jaxlm.model.transformer import BTV
 
 
 @jax.custom_vjp
@@ -50,7 +52,6 @@ def cross_entropy(logits_btv, targets_bt, mask_bt, z_loss: float = 0.0):
 # backward, so neither the logits nor their gradient is ever live at full (B, T, V) size.
 
 LOGITS_BUDGET = 1 << 30  # bytes of float32 logits per device above which `loss_chunks=0` tiles
-LOGITS_NAMES = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def auto_chunks(batch_per_device: int, tokens_per_row: int, vocab_per_device: int, budget: int = LOGITS_BUDGET) -> int:
@@ -81,13 +82,12 @@ def resolve_chunks(requested: int, batch: int, seq_len: int, vocab: int, mesh_sh
 
 def head_logits(h_btd, w_vd):
     """The untiled logits (B, T, V), float32, sharded over the vocabulary like the model's own."""
-    return constrain(_chunk_logits(h_btd, w_vd), LOGITS_NAMES)
+    return constrain(_chunk_logits(h_btd, w_vd), BTV)
 
 
 def _chunk_logits(h_bcd, w_vd):
-    # The same matmul as the untiled head (jaxlm.model.layers.dense), then float32 like its logits.
-    b, c, d = h_bcd.shape
-    return (h_bcd.reshape(b * c, d) @ w_vd.T).reshape(b, c, -1).astype(jnp.float32)
+    # The model's own head matmul (jaxlm.model.transformer), then float32 like its logits.
+    return dense(h_bcd, w_vd.T).astype(jnp.float32)
 
 
 def _split(x, chunks):
