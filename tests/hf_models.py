@@ -23,13 +23,26 @@ FAMILIES = {
     "gpt2": ("GPT2Config", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
 }
 
+# Mixture-of-experts families: 5 experts (4 for Mixtral), top 2, experts 24 wide.
+MOE = dict(COMMON, num_key_value_heads=2, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+MOE_FAMILIES = {
+    # Every layer MoE, sliding_window null, top-k weights renormalised.
+    "mixtral": ("MixtralConfig", dict(MOE, intermediate_size=24, num_local_experts=4)),
+    # A sigmoid-gated shared expert, q/k/v biases, tied embeddings, top-k weights not renormalised.
+    "qwen2_moe": ("Qwen2MoeConfig", dict(MOE, moe_intermediate_size=24, shared_expert_intermediate_size=20,
+                                         num_experts=5, norm_topk_prob=False, tie_word_embeddings=True)),
+    # Dense layer 0 (an MLP 48 wide), then two MoE layers; qk_norm; renormalised.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(MOE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=24,
+                                         num_experts=5, norm_topk_prob=True, mlp_only_layers=[0])),
+}
+
 
 def make_model(family: str, seed: int = 0):
     """A random float32 model of `family` with non-trivial norms and biases."""
     import torch
     import transformers
 
-    config_cls, kwargs = FAMILIES[family]
+    config_cls, kwargs = {**FAMILIES, **MOE_FAMILIES}[family]
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
@@ -37,6 +50,10 @@ def make_model(family: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or ".ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            # Routers with well-separated logits (no near-ties between the k-th and next expert) and experts
+            # whose output outweighs the residual, so that routing and expert maths show in the logits.
+            if name.endswith("mlp.gate.weight") or ".experts." in name:
+                p.normal_(0.0, 0.2)
     return model
 
 

@@ -134,6 +134,95 @@ def test_fewer_rows_than_batch_shards_points_at_context_parallelism():
         method="analytic").memory.activations
 
 
+# --- mixture of experts ------------------------------------------------------------------------------
+
+def test_mixtral_plan_shows_expert_memory_and_all_to_all_rows():
+    config = overrides.load(["mixtral_8x7b", "mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"])
+    result = plan.make_plan(config, plan.parse_target("v5p-128"), method="analytic")
+    text = plan.format_plan(config, result)
+    for row in ("46.70B parameters, 12.88B active per token", "expert weights (in the above)",
+                "1 of 8 experts per device", "expert all-to-all per step", "1536 all-to-alls (32 MoE layers x 8 "
+                "micro-batches x 6)", "6N active", "of it all-to-all"):
+        assert row in text, row
+    # 64 rows x 4096 tokens per device, over 8 micro-batches: 4096 tokens x 2 experts x 4096 bfloat16 values
+    # per all-to-all, 7/8 of them to the other 7 devices of the expert group, all over ICI.
+    each = 4096 * 2 * 4096 * 2
+    a = result.all_to_all
+    assert (a.count, a.dcn_bytes) == (32 * 8 * 6, 0.0) and a.bytes == pytest.approx(a.count * each * 7 / 8)
+    assert a.seconds == pytest.approx(a.bytes / 600e9)  # v5p: 1200 GB/s bidirectional ICI per chip
+    compute = result.step_flops / (64 * 459e12 * 0.4)
+    assert result.step_time == pytest.approx(compute + a.seconds)
+    # Counting active parameters: 6 x 12.75B matmul parameters per token, plus attention.
+    assert result.step_flops == pytest.approx((6 * 12_748_587_008 + 12 * 32 * 32 * 128 * 4096) * 512 * 4096)
+
+
+def test_expert_weight_memory_scales_down_with_mesh_expert():
+    # fsdp stays 8 and data fills the rest, so the expert axis alone splits the experts further.
+    sizes = lambda ep: {"stage": 1, "data": 64 // (8 * ep), "fsdp": 8, "sequence": 1, "expert": ep, "tensor": 1}
+    config = lambda ep: overrides.load(["mixtral_8x7b", "mesh.data=-1", "mesh.fsdp=8", f"mesh.expert={ep}"])
+    memory = {ep: plan_memory.analytic(config(ep), sizes(ep), "splash") for ep in (1, 2, 8)}
+    experts = 32 * 8 * 3 * 4096 * 14336 * 4 / 8  # float32, all 8 experts of 32 layers, over fsdp=8
+    for ep, m in memory.items():
+        assert m.expert_params == experts / ep and m.expert_optimizer == 2 * experts / ep  # Adam's two moments
+        assert m.params - m.expert_params == memory[1].params - memory[1].expert_params  # the rest is unchanged
+    assert memory[8].params < memory[2].params < memory[1].params
+    # The price: each device receives up to ep x its assignments (the all-to-all's worst-case buffer).
+    assert memory[8].temporaries > memory[2].temporaries
+
+
+def test_all_to_all_bytes_zero_without_expert_parallelism():
+    target = plan.parse_target("v5p-128")
+
+    def traffic(*words):
+        config = overrides.load(["mixtral_8x7b", *words])
+        return plan.all_to_all(config, target, mesh_lib.mesh_shape(config.mesh, 64))
+
+    assert traffic() == plan.AllToAll(0, 0.0, 0.0, 0.0)
+    assert traffic("mesh.fsdp=8", "mesh.data=-1") == plan.AllToAll(0, 0.0, 0.0, 0.0)
+    two, eight = traffic("mesh.expert=2"), traffic("mesh.expert=8")
+    assert 0 < two.bytes < eight.bytes and two.count == eight.count == 32 * 6
+    # Without remat the forward is not recomputed: 4 all-to-alls per MoE layer instead of 6.
+    assert traffic("mesh.expert=8", "model.remat=none").bytes == pytest.approx(eight.bytes * 4 / 6)
+    dense = overrides.load(["llama3_8b"])
+    assert plan.all_to_all(dense, target, mesh_lib.mesh_shape(dense.mesh, 64)).count == 0
+    # Over two slices with the expert axis across them, half of each device's assignments cross DCN.
+    config = overrides.load(["mixtral_8x7b", "mesh.expert=4", "mesh.dcn_expert=2"])
+    two_slices = plan.parse_target("v5p-128", slices=2)
+    a = plan.all_to_all(config, two_slices, mesh_lib.mesh_shape(config.mesh, 128, 2))
+    assert a.dcn_bytes == pytest.approx(a.bytes * 4 / 7) and a.ici_bytes == pytest.approx(a.bytes * 3 / 7)
+    assert a.seconds == pytest.approx(a.ici_bytes / 600e9 + a.dcn_bytes / 6.25e9)
+
+
+def test_plan_suggests_expert_parallelism_for_moe_and_never_pipeline_stages():
+    # All-FSDP gathers all 8 experts of a layer (2.6 GiB in bfloat16) for the forward and the backward;
+    # two expert groups halve that, and Mixtral on 16 GB chips then fits.
+    config = overrides.load(["mixtral_8x7b", "train.batch_size=64", "train.seq_len=512"])
+    result = plan.make_plan(config, plan.parse_target("v5e-64"), method="analytic")
+    assert not result.fits and result.suggestion == "mesh.expert=2"
+    levers = plan._levers(config, plan.parse_target("v5e-64"))
+    assert {"mesh.expert": 8} in levers and not any("mesh.stage" in lever for lever in levers)
+    dense_levers = plan._levers(overrides.load(["llama3_8b"]), plan.parse_target("v5e-64"))
+    assert not any("mesh.expert" in lever for lever in dense_levers)
+
+
+def test_expert_axis_that_does_not_divide_the_experts_is_one_line_error():
+    # mesh.expert=-1 fills 64 devices, which the config alone cannot know: the planner (and `jaxlm train`,
+    # through the same check) reject it on the resolved mesh.
+    config = overrides.load(["mixtral_8x7b", "mesh.fsdp=1", "mesh.expert=-1"])
+    with pytest.raises(ConfigError, match=r"^mesh.expert=-1 .* 64-way expert axis .* model.num_experts=8; ") as e:
+        plan.make_plan(config, plan.parse_target("v5p-128"), method="analytic")
+    assert "\n" not in str(e.value)
+    from jaxlm.training import assembly
+
+    sizes = {"stage": 1, "data": 1, "fsdp": 2, "sequence": 1, "expert": 16, "tensor": 1}
+    with pytest.raises(ConfigError, match="mesh.expert"):
+        assembly.check_parallelism(overrides.load(["mixtral_8x7b", "train.batch_size=32"]), sizes)
+    for words, match in ((["mesh.expert=3"], "mesh.expert=3 .* does not divide model.num_experts=8"),
+                         (["model.experts_per_token=9"], "model.experts_per_token=9 exceeds model.num_experts=8")):
+        with pytest.raises(ConfigError, match=match):
+            overrides.load(["mixtral_8x7b", *words])
+
+
 def test_cli_plan_help():
     proc = subprocess.run([sys.executable, "-m", "jaxlm.cli", "plan", "--help"], capture_output=True, text=True,
                           timeout=60)

@@ -14,7 +14,7 @@ def add_parser(subparsers) -> None:
     convert = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     q = convert.add_parser(
         "from-hf", help="Hugging Face checkpoint -> jaxlm run directory", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Import a LLaMA 2/3, Mistral, Qwen2/2.5, Qwen3 or GPT-2 checkpoint (config.json + *.safetensors, "
+        description="Import a LLaMA 2/3, Mistral, Qwen2/2.5, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE or GPT-2 checkpoint (config.json + *.safetensors, "
                     "sharded or not, with its tokenizer and chat template) as a jaxlm run directory that "
                     "`jaxlm generate OUT` and `jaxlm train OUT/config.json` use. To start a new training run from "
                     "a checkpoint instead, pass model.init_from=hf:DIR to `jaxlm train`. " + CONFIG_HELP)

@@ -142,10 +142,47 @@ class ModelConfig:
     # checkpoint, or a jaxlm run directory; the checkpoint's config sets the model's shape. LoRA adapters to
     # continue from: RUN/adapters, a PEFT adapter directory, or BASE+ADAPTERS (jaxlm/training/base.py).
     init_from: str = ""
+    # Mixture of experts (jaxlm/model/moe.py); 0 experts is a dense model.
+    num_experts: int = ranged(0, ge=0)
+    experts_per_token: int = ranged(2, ge=1)
+    expert_mlp_dim: int = ranged(0, ge=0)  # each expert's SwiGLU width; 0 means mlp_dim
+    shared_expert_dim: int = ranged(0, ge=0)  # an always-on SwiGLU expert beside the routed ones (Qwen2-MoE); 0: none
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w) per token (Qwen2-MoE)
+    # Which layers are MoE: layer i (from 0) when i >= moe_first_layer and (i - moe_first_layer + 1) is a
+    # multiple of moe_every; the others keep the dense MLP. A mix of both needs model.scan_layers=false.
+    moe_first_layer: int = ranged(0, ge=0)
+    moe_every: int = ranged(1, ge=1)
+    # "softmax_topk": softmax over all experts, then the top k (Mixtral, Qwen-MoE); "topk_softmax": the top k
+    # logits, then softmax over those k. norm_topk_prob renormalises softmax_topk's k weights to sum to 1.
+    router: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    norm_topk_prob: bool = True
+    router_aux_loss: float = ranged(0.01, ge=0)  # load-balancing loss coefficient (Switch/Mixtral form)
+    router_z_loss: float = ranged(0.0, ge=0)  # coefficient of mean(logsumexp(router logits)^2) (ST-MoE)
+    # 0: dropless (every token reaches its k experts). Otherwise each expert takes at most
+    # ceil(capacity_factor * tokens * k / experts) tokens per batch; the rest are dropped (and counted).
+    capacity_factor: float = ranged(0.0, ge=0)
+    # Grouped matmul of the dropless path: "ragged_dot" (jax.lax.ragged_dot; TPU/GPU), "blocks" (tokens sorted
+    # into fixed-size blocks of one expert each, then one batched matmul; fast on CPU), "auto" picks by backend.
+    moe_matmul: Literal["auto", "ragged_dot", "blocks"] = "auto"
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def resolved_expert_mlp_dim(self) -> int:
+        return self.expert_mlp_dim or self.mlp_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i has routed experts (instead of the dense MLP)."""
+        return (self.num_experts > 0 and i >= self.moe_first_layer
+                and (i - self.moe_first_layer + 1) % self.moe_every == 0)
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Some layers dense and some MoE: their params differ, so they cannot be one scanned stack."""
+        kinds = {self.is_moe_layer(i) for i in range(self.num_layers)}
+        return len(kinds) > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,8 +434,31 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.batch_size % o.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
+    check_moe(m, config.mesh)
     lo = config.lora
     if lo.quantize != "none" and not lo.targets:
         raise ConfigError(f"lora.quantize={lo.quantize} needs LoRA targets (a quantized base cannot be trained); "
                           f"set lora.targets, e.g. lora.targets='(\"attn/(q|v)$\",)'")
     return config
+
+
+def check_moe(m: ModelConfig, mesh: MeshConfig) -> None:
+    """One-line errors for a mixture-of-experts model that cannot be built."""
+    if not m.num_experts:
+        return
+    if m.experts_per_token > m.num_experts:
+        raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds model.num_experts={m.num_experts}")
+    if m.mixed_layers and m.scan_layers:
+        raise ConfigError(f"model.moe_first_layer={m.moe_first_layer} / model.moe_every={m.moe_every} mix dense and "
+                          f"MoE layers, which cannot share one scanned stack; set model.scan_layers=false")
+    if not any(m.is_moe_layer(i) for i in range(m.num_layers)):
+        raise ConfigError(f"model.moe_first_layer={m.moe_first_layer} leaves no MoE layer among "
+                          f"model.num_layers={m.num_layers}")
+    ways = mesh.expert * mesh.dcn_expert
+    if ways > 0 and m.num_experts % ways:
+        raise ConfigError(f"mesh.expert={mesh.expert} (x dcn_expert={mesh.dcn_expert}) does not divide "
+                          f"model.num_experts={m.num_experts}; choose an expert axis that divides it")
+    if mesh.stage * mesh.dcn_stage != 1:
+        raise ConfigError("pipeline stages (mesh.stage) do not support MoE models yet; use mesh.expert/fsdp instead")
+    if m.shared_expert_gate and not m.shared_expert_dim:
+        raise ConfigError("model.shared_expert_gate=true needs a shared expert: set model.shared_expert_dim")

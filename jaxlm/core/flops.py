@@ -1,7 +1,8 @@
 """Analytic FLOP counts and per-device peak FLOP/s, for MFU.
 
 FLOPs are counted by hand rather than read from XLA because `cost_analysis()` counts a scanned layer
-once instead of once per layer. Remat recomputation is not counted (MFU, not hardware utilisation).
+once instead of once per layer. Remat recomputation is not counted (MFU, not hardware utilisation), and a mixture of
+experts counts only its active parameters (the k experts each token is routed to, not all E).
 """
 
 from __future__ import annotations
@@ -38,12 +39,42 @@ def peak_flops_per_device(device=None) -> float:
     return PEAK_FLOPS[max(matches, key=len)]
 
 
+def moe_layer_count(c: ModelConfig) -> int:
+    return sum(c.is_moe_layer(i) for i in range(c.num_layers))
+
+
+def _ffn_matmul_params(c: ModelConfig, moe: bool) -> int:
+    """One layer's feed-forward weights that multiply each token: a MoE layer's router, its k routed
+    experts (not all E: the others never see the token) and its shared expert (with its sigmoid gate)."""
+    d = c.d_model
+    if not moe:
+        return 3 * d * c.mlp_dim
+    routed = c.experts_per_token * 3 * d * c.resolved_expert_mlp_dim
+    shared = 3 * d * c.shared_expert_dim + (d if c.shared_expert_gate else 0) if c.shared_expert_dim else 0
+    return routed + shared + d * c.num_experts
+
+
 def matmul_params(c: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token: every layer weight plus the output projection."""
+    """Parameters that take part in a matmul per token: every layer weight plus the output projection.
+    For a mixture of experts only the active ones, so that MFU counts the work each token really does."""
     h = c.resolved_head_dim
     attn = c.d_model * h * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.d_model * c.mlp_dim
-    return c.num_layers * (attn + mlp) + c.d_model * c.vocab_size
+    moe = moe_layer_count(c)
+    ffn = (c.num_layers - moe) * _ffn_matmul_params(c, False) + moe * _ffn_matmul_params(c, True)
+    return c.num_layers * attn + ffn + c.d_model * c.vocab_size
+
+
+def routed_expert_params(c: ModelConfig) -> int:
+    """The routed experts' weights in the whole model (every MoE layer's E x SwiGLU); 0 for a dense model."""
+    return moe_layer_count(c) * c.num_experts * 3 * c.d_model * c.resolved_expert_mlp_dim
+
+
+def active_params(c: ModelConfig, total: int) -> int:
+    """Parameters one token uses, given the model's `total` (count_params of its `jax.eval_shape`): all
+    of them but the E - k routed experts per MoE layer it is not sent to. Equal to `total` for a dense model."""
+    if not c.num_experts:
+        return total
+    return total - routed_expert_params(c) * (c.num_experts - c.experts_per_token) // c.num_experts
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:

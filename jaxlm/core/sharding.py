@@ -62,6 +62,20 @@ def logical_sharding(names: tuple[str | None, ...], shape: tuple[int, ...], mesh
     return NamedSharding(mesh, _fit(spec, shape, mesh))
 
 
+def logical_spec(names: tuple, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """The PartitionSpec, fitted to `shape` on `mesh` (a Mesh or AbstractMesh), for logical `names`.
+
+    An entry may be a tuple of logical names: one dimension flattened from several, major first (tokens
+    flattened from batch and length), split over their mesh axes in that order, as far as they fit."""
+    groups = [name if isinstance(name, tuple) else (name,) for name in names]
+    per_name = iter(nn.logical_to_mesh_axes([n for group in groups for n in group], LOGICAL_AXIS_RULES))
+    merged = []
+    for group in groups:
+        axes = [next(per_name) for _ in group]
+        merged.append(tuple(a for entry in axes for a in ((entry,) if isinstance(entry, str) else entry or ())))
+    return _fit(PartitionSpec(*merged), shape, mesh)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pins an activation's sharding by logical names, under the mesh set with `jax.set_mesh`.
 

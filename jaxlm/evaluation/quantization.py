@@ -8,11 +8,12 @@ import numpy as np
 
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.evaluation.perplexity import perplexity
-from jaxlm.inference.scoring import Scorer
+from jaxlm.inference.scoring import Scorer, dropless
 from jaxlm.model import quantize as quantize_lib
 
 
 def logits_difference(model, params, quantized, tokens: np.ndarray) -> dict[str, float]:
+    model = dropless(model)  # as the scorer and generation run it: no expert capacity to drop tokens at
     forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
     ref = forward(params, tokens)
     out = forward(quantized, tokens)

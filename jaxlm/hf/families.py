@@ -2,8 +2,9 @@
 
 A `TensorMap` says how one Hugging Face tensor lays out one jaxlm parameter (per layer for layer tensors):
 read the HF tensor row-major as the shape `view`, optionally pick one index of a fused axis (GPT-2 packs
-q, k and v into one `c_attn`), then transpose the remaining view axes by `perm`. Import and export both use
-the same maps, so a round trip is exact by construction.
+q, k and v into one `c_attn`), then transpose the remaining view axes by `perm`. Mixture-of-experts
+checkpoints store one tensor per expert ("{j}" in the name); the jaxlm parameter stacks them on a leading
+expert axis. Import and export both use the same maps, so a round trip is exact by construction.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "GPT2LMHeadModel": "gpt2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 # Tensors some checkpoints carry that hold no weights: attention-mask buffers and cached RoPE frequencies.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -33,18 +38,35 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-    hf: str  # Hugging Face tensor name; "{i}" stands for the layer index
+    hf: str  # Hugging Face tensor name; "{i}" stands for the layer index, "{j}" for the expert index
     path: tuple[str, ...]  # jaxlm parameter path (inside a layer for layer tensors)
-    hf_shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]  # of one HF tensor (one expert's, for per-expert tensors)
     view: tuple[int, ...]  # hf_shape split row-major into these axes
     perm: tuple[int, ...]  # jaxlm axis j is view axis perm[j] (counted without the picked axis)
     pick: tuple[int, int] | None = None  # (view axis, index) of a fused tensor
+    # > 0: one HF tensor per expert ("{j}" in `hf`); the jaxlm parameter stacks them on a leading axis of
+    # this size, ahead of the axes `perm` orders.
+    experts: int = 0
+    moe: bool | None = None  # layer maps: of every layer (None), only MoE layers (True), only dense ones (False)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The jaxlm shape (one layer)."""
         kept = [n for a, n in enumerate(self.view) if not self.pick or a != self.pick[0]]
-        return tuple(kept[p] for p in self.perm)
+        shape = tuple(kept[p] for p in self.perm)
+        return (self.experts, *shape) if self.experts else shape
+
+    def names(self, layer: int | None = None) -> list[str]:
+        """The HF tensor names of this map (of `layer`): one, or one per expert."""
+        if self.experts:
+            return [self.hf.format(i=layer, j=j) for j in range(self.experts)]
+        return [self.hf.format(i=layer)]
+
+
+def layer_maps(c: ModelConfig, maps: list[TensorMap], layer: int) -> list[TensorMap]:
+    """The per-layer maps that apply to layer `layer` (dense MLP or routed experts)."""
+    moe = c.is_moe_layer(layer)
+    return [m for m in maps if m.moe is None or m.moe == moe]
 
 
 def family_of(hf_config: dict) -> str:
@@ -141,38 +163,138 @@ def _model_config(hf: dict, base: ModelConfig, family: str) -> ModelConfig:
             num_heads=n, num_kv_heads=n, head_dim=d // n, mlp_dim=hf.get("n_inner") or 4 * d,
             max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5), qkv_bias=True,
             qk_norm=False, tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=0,
-            rope_scaling_factor=0.0,
+            rope_scaling_factor=0.0, **DENSE,
         )
     _require(hf, "hidden_act", ["silu"], "SwiGLU MLP activation")
     _require(hf, "mlp_bias", [False], "MLP biases")
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         _require(hf, "use_sliding_window", [False], "per-layer sliding windows")
-    if family != "qwen2":  # Qwen2 always has q/k/v biases; elsewhere attention_bias also adds one to o_proj
+    if family not in ("qwen2", "qwen2_moe"):  # Qwen2 has q/k/v biases; elsewhere attention_bias also biases o_proj
         _require(hf, "attention_bias", [False], "a bias on o_proj")
     n = hf["num_attention_heads"]
-    return dataclasses.replace(
+    model = dataclasses.replace(
         base, architecture="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=n, num_kv_heads=hf.get("num_key_value_heads") or n,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n, mlp_dim=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=(hf.get("sliding_window") or 0) if family == "mistral" else 0,
-        **{"rope_scaling_factor": 0.0, **_rope(hf)},
+        qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
+        qk_norm=family in ("qwen3", "qwen3_moe"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=(hf.get("sliding_window") or 0) if family in ("mistral", "mixtral") else 0,
+        **{"rope_scaling_factor": 0.0, **_rope(hf)}, **_moe(hf, base, family),
     )
+    if model.mixed_layers:  # dense and MoE layers have different params: no one scanned stack
+        model = dataclasses.replace(model, scan_layers=False)
+    return model
+
+
+# The mixture-of-experts shape of a dense model (whatever `base` had).
+DENSE = dict(num_experts=0, expert_mlp_dim=0, shared_expert_dim=0, shared_expert_gate=False, moe_first_layer=0,
+             moe_every=1)
+
+
+def _moe(hf: dict, base: ModelConfig, family: str) -> dict:
+    """The ModelConfig mixture-of-experts fields of a Hugging Face config."""
+    if family not in MOE_FAMILIES:
+        return DENSE
+    # Routers other than softmax-then-top-k (DeepSeek-style configs that name these fields).
+    _require(hf, "scoring_func", ["softmax", None], "router scoring")
+    _require(hf, "topk_method", ["greedy", None], "router top-k method")
+    _require(hf, "n_group", [None, 0, 1], "grouped expert routing")
+    _require(hf, "routed_scaling_factor", [None, 1, 1.0], "scaled expert outputs")
+    coef = hf.get("router_aux_loss_coef")
+    out = dict(DENSE, experts_per_token=hf["num_experts_per_tok"], router="softmax_topk",
+               router_aux_loss=base.router_aux_loss if coef is None else float(coef))
+    if family == "mixtral":
+        if hf.get("router_jitter_noise"):
+            log.warning("config.json router_jitter_noise=%s is ignored: jaxlm's router adds no training noise",
+                        hf["router_jitter_noise"])
+        # Mixtral's intermediate_size is each expert's width; every layer is MoE; top-k weights renormalised.
+        return dict(out, num_experts=_experts(hf, "num_local_experts", "num_experts"),
+                    expert_mlp_dim=hf["intermediate_size"], norm_topk_prob=True)
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts.
+    out.update(num_experts=_experts(hf, "num_experts", "num_local_experts"),
+               expert_mlp_dim=hf["moe_intermediate_size"], norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+               **_moe_layout(hf, hf["num_hidden_layers"]))
+    if family == "qwen2_moe":  # always a shared expert, scaled by a sigmoid gate
+        shared = hf.get("shared_expert_intermediate_size", 0)
+        if not shared:
+            raise ConfigError(f"config.json shared_expert_intermediate_size={shared!r} is not supported "
+                              f"(a Qwen2-MoE without a shared expert)")
+        out.update(shared_expert_dim=shared, shared_expert_gate=True)
+    return out
+
+
+def _experts(hf: dict, key: str, alias: str) -> int:
+    """The expert count, under its usual `key` or its `alias`; a KeyError names `key`."""
+    experts = hf[key] if key in hf or alias not in hf else hf[alias]
+    if not experts:
+        raise ConfigError(f"config.json {key}={experts!r} is not supported (a mixture of experts without experts)")
+    return experts
+
+
+def _moe_layout(hf: dict, num_layers: int) -> dict:
+    """moe_first_layer / moe_every for Qwen-MoE's layout: layer i is MoE unless it is in mlp_only_layers,
+    and only when (i + 1) is a multiple of decoder_sparse_step."""
+    step = int(hf.get("decoder_sparse_step") or 1)
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    moe = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
+    what = f"config.json mlp_only_layers={dense} with decoder_sparse_step={step}"
+    if not moe:
+        raise ConfigError(f"{what} leaves no MoE layer among num_hidden_layers={num_layers}")
+    # MoE layers from moe[0] on, every `every`-th: the step, or the gap of the first two, or (one MoE layer)
+    # an interval that reaches past the last layer.
+    for every in (step, moe[1] - moe[0] if len(moe) > 1 else max(1, num_layers - moe[0])):
+        first = moe[0] - every + 1
+        if first >= 0 and [i for i in range(num_layers) if i >= first and (i - first + 1) % every == 0] == moe:
+            return dict(moe_first_layer=first, moe_every=every)
+    raise ConfigError(f"{what} is not supported: jaxlm's dense layers are the first ones (model.moe_first_layer), "
+                      f"then one MoE layer every model.moe_every")
 
 
 def family_for(c: ModelConfig) -> str:
     """The Hugging Face family a jaxlm model exports as."""
     if c.architecture == "gpt2":
+        if c.num_experts:
+            raise ConfigError("a GPT-2 model with experts has no Hugging Face family; it cannot be exported")
         return "gpt2"
+    if c.qk_norm and c.qkv_bias:
+        raise ConfigError("a model with both qk_norm and qkv_bias has no Hugging Face family; it cannot be exported")
+    if c.num_experts:
+        return _moe_family(c)
     if c.qk_norm:
-        if c.qkv_bias:
-            raise ConfigError("a model with both qk_norm and qkv_bias has no Hugging Face family; it cannot be exported")
         return "qwen3"
     if c.qkv_bias:
         return "qwen2"
     return "mistral" if c.sliding_window else "llama"
+
+
+def _moe_family(c: ModelConfig) -> str:
+    """Qwen3-MoE (qk_norm), Qwen2-MoE (a gated shared expert) or Mixtral (neither; every layer MoE, top-k
+    weights renormalised). topk_softmax equals softmax_topk with norm_topk_prob: softmax is monotonic, and the
+    softmax of the top k logits is the top k probabilities renormalised."""
+    no = "has no Hugging Face family; it cannot be exported"
+    if c.qk_norm:
+        if c.shared_expert_dim:
+            raise ConfigError(f"a mixture-of-experts model with qk_norm (Qwen3-MoE) and a shared expert {no}")
+        family = "qwen3_moe"
+    elif c.shared_expert_dim:
+        if not c.shared_expert_gate:
+            raise ConfigError(f"a shared expert without model.shared_expert_gate {no} (Qwen2-MoE gates it)")
+        family = "qwen2_moe"
+    elif c.qkv_bias:
+        raise ConfigError(f"a mixture-of-experts model with qkv_bias and no shared expert {no} (Qwen2-MoE has one)")
+    else:
+        family = "mixtral"
+    if c.sliding_window and family != "mixtral":
+        raise ConfigError(f"a mixture-of-experts model with a sliding window and qk_norm or a shared expert {no}")
+    if family == "mixtral":
+        if c.mixed_layers:
+            raise ConfigError(f"a mixture-of-experts model with dense layers and neither qk_norm nor a shared expert "
+                              f"{no} (Mixtral's layers are all MoE)")
+        if c.router == "softmax_topk" and not c.norm_topk_prob:
+            raise ConfigError(f"model.norm_topk_prob=false without qk_norm or a shared expert {no} (Mixtral "
+                              f"renormalises the top-k weights)")
+    return family
 
 
 def hf_config(c: ModelConfig, template: dict | None, dtype: str) -> dict:
@@ -204,24 +326,44 @@ def hf_config(c: ModelConfig, template: dict | None, dtype: str) -> dict:
                num_key_value_heads=c.num_kv_heads, head_dim=c.resolved_head_dim, intermediate_size=c.mlp_dim,
                max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
                rope_parameters=rope)
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         out["sliding_window"] = c.sliding_window or None
-    if family in ("qwen2", "qwen3"):
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers,
-                   layer_types=["full_attention"] * c.num_layers)
-    if family in ("llama", "mistral", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        out.update(use_sliding_window=False, sliding_window=None)
+    if family in ("qwen2", "qwen3", "qwen2_moe"):
+        out.update(max_window_layers=c.num_layers, layer_types=["full_attention"] * c.num_layers)
+    if family in ("llama", "mistral", "qwen3", "qwen3_moe"):
         out.update(attention_bias=False)
     if family == "llama":
         out.update(mlp_bias=False)
+    if family in MOE_FAMILIES:
+        out.update(num_experts_per_tok=c.experts_per_token, router_aux_loss_coef=c.router_aux_loss,
+                   output_router_logits=bool(out.get("output_router_logits", False)))
+        for key in ("scoring_func", "topk_method", "n_group", "topk_group", "routed_scaling_factor"):
+            out.pop(key, None)
+    if family == "mixtral":
+        out.pop("num_experts", None)
+        out.update(num_local_experts=c.num_experts, intermediate_size=c.resolved_expert_mlp_dim)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        # Layer i is MoE unless listed in mlp_only_layers, and only when (i + 1) % decoder_sparse_step == 0.
+        step = c.moe_every
+        out.pop("num_local_experts", None)  # transformers 5 writes Qwen3-MoE's num_experts under this name
+        out.update(num_experts=c.num_experts, moe_intermediate_size=c.resolved_expert_mlp_dim,
+                   norm_topk_prob=c.norm_topk_prob or c.router == "topk_softmax", decoder_sparse_step=step,
+                   mlp_only_layers=[i for i in range(c.num_layers) if (i + 1) % step == 0 and not c.is_moe_layer(i)])
+    if family == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=c.shared_expert_dim, qkv_bias=c.qkv_bias)
     return out
 
 
-def tensor_maps(c: ModelConfig) -> tuple[list[TensorMap], list[TensorMap]]:
-    """(top-level maps, per-layer maps) for the model `c`."""
-    return _gpt2_maps(c) if c.architecture == "gpt2" else _llama_maps(c)
+def tensor_maps(c: ModelConfig, fused_experts: bool = False) -> tuple[list[TensorMap], list[TensorMap]]:
+    """(top-level maps, per-layer maps) for the model `c`; `layer_maps` picks a layer's. The experts of an
+    MoE model are the hub's one tensor per expert, or with `fused_experts` the stacked tensors transformers 5
+    holds in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which some writers save."""
+    return _gpt2_maps(c) if c.architecture == "gpt2" else _llama_maps(c, fused_experts)
 
 
-def _llama_maps(c: ModelConfig):
+def _llama_maps(c: ModelConfig, fused_experts: bool = False):
     d, n, k, h, f, v = c.d_model, c.num_heads, c.num_kv_heads, c.resolved_head_dim, c.mlp_dim, c.vocab_size
     top = [
         TensorMap("model.embed_tokens.weight", ("embed", "embedding"), (v, d), (v, d), (0, 1)),
@@ -238,9 +380,9 @@ def _llama_maps(c: ModelConfig):
         TensorMap(p + "self_attn.k_proj.weight", ("attn", "k"), (k * h, d), (k, h, d), (2, 0, 1)),
         TensorMap(p + "self_attn.v_proj.weight", ("attn", "v"), (k * h, d), (k, h, d), (2, 0, 1)),
         TensorMap(p + "self_attn.o_proj.weight", ("attn", "o"), (d, n * h), (d, n, h), (1, 2, 0)),
-        TensorMap(p + "mlp.gate_proj.weight", ("mlp", "gate"), (f, d), (f, d), (1, 0)),
-        TensorMap(p + "mlp.up_proj.weight", ("mlp", "up"), (f, d), (f, d), (1, 0)),
-        TensorMap(p + "mlp.down_proj.weight", ("mlp", "down"), (d, f), (d, f), (1, 0)),
+        TensorMap(p + "mlp.gate_proj.weight", ("mlp", "gate"), (f, d), (f, d), (1, 0), moe=False),
+        TensorMap(p + "mlp.up_proj.weight", ("mlp", "up"), (f, d), (f, d), (1, 0), moe=False),
+        TensorMap(p + "mlp.down_proj.weight", ("mlp", "down"), (d, f), (d, f), (1, 0), moe=False),
     ]
     if c.qkv_bias:
         layer += [
@@ -253,7 +395,47 @@ def _llama_maps(c: ModelConfig):
             TensorMap(p + "self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (h,), (h,), (0,)),
             TensorMap(p + "self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (h,), (h,), (0,)),
         ]
+    if c.num_experts:
+        layer += _moe_maps(c, fused_experts)
     return top, layer
+
+
+def _moe_maps(c: ModelConfig, fused: bool) -> list[TensorMap]:
+    """An MoE layer's maps. The router is x @ router (D, E) (HF: gate.weight (E, D)); the experts stack
+    (E, D, F) gate and up and (E, F, D) down (HF per expert: (F, D) and (D, F); fused: gate_up (E, 2F, D) with
+    gate first, down (E, D, F))."""
+    d, e, fe, fs = c.d_model, c.num_experts, c.resolved_expert_mlp_dim, c.shared_expert_dim
+    family = family_for(c)
+    p = "model.layers.{i}."
+    moe = p + ("block_sparse_moe." if family == "mixtral" and not fused else "mlp.")
+    maps = [TensorMap(moe + "gate.weight", ("moe", "router"), (e, d), (e, d), (1, 0), moe=True)]
+    if fused:
+        maps += [
+            TensorMap(moe + "experts.gate_up_proj", ("moe", "gate"), (e, 2 * fe, d), (e, 2, fe, d), (0, 2, 1), (1, 0),
+                      moe=True),
+            TensorMap(moe + "experts.gate_up_proj", ("moe", "up"), (e, 2 * fe, d), (e, 2, fe, d), (0, 2, 1), (1, 1),
+                      moe=True),
+            TensorMap(moe + "experts.down_proj", ("moe", "down"), (e, d, fe), (e, d, fe), (0, 2, 1), moe=True),
+        ]
+    else:
+        gate, up, down = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        x = moe + "experts.{j}."
+        maps += [
+            TensorMap(x + f"{gate}.weight", ("moe", "gate"), (fe, d), (fe, d), (1, 0), experts=e, moe=True),
+            TensorMap(x + f"{up}.weight", ("moe", "up"), (fe, d), (fe, d), (1, 0), experts=e, moe=True),
+            TensorMap(x + f"{down}.weight", ("moe", "down"), (d, fe), (d, fe), (1, 0), experts=e, moe=True),
+        ]
+    if fs:
+        s = p + "mlp.shared_expert."
+        maps += [
+            TensorMap(s + "gate_proj.weight", ("moe", "shared", "gate"), (fs, d), (fs, d), (1, 0), moe=True),
+            TensorMap(s + "up_proj.weight", ("moe", "shared", "up"), (fs, d), (fs, d), (1, 0), moe=True),
+            TensorMap(s + "down_proj.weight", ("moe", "shared", "down"), (d, fs), (d, fs), (1, 0), moe=True),
+        ]
+    if c.shared_expert_gate:
+        maps.append(TensorMap(p + "mlp.shared_expert_gate.weight", ("moe", "shared_gate"), (1, d), (1, d), (1, 0),
+                              moe=True))
+    return maps
 
 
 def _gpt2_maps(c: ModelConfig):

@@ -65,7 +65,20 @@ def copy_run_files(hf_dir: str, run_dir: str) -> str | None:
 
 
 def _block(ckpt: SafetensorsDir, m: TensorMap, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
-    """The block `index` (in jaxlm layout, one layer) of the parameter `m` describes."""
+    """The block `index` (in jaxlm layout, one layer) of the parameter `m` describes; a per-expert map reads
+    one HF tensor for each expert in the block's expert range."""
+    if m.experts:
+        experts = range(*index[0].indices(m.experts))
+        first = _one_block(ckpt, m, m.hf.format(i=layer, j=experts[0]), index[1:])
+        out = np.empty((len(experts), *first.shape), first.dtype)
+        out[0] = first
+        for k, j in enumerate(experts[1:], 1):
+            out[k] = _one_block(ckpt, m, m.hf.format(i=layer, j=j), index[1:])
+        return out
+    return _one_block(ckpt, m, m.hf.format(i=layer), index)
+
+
+def _one_block(ckpt: SafetensorsDir, m: TensorMap, name: str, index: tuple[slice, ...]) -> np.ndarray:
     # Slices per view axis: jaxlm axis j is view axis perm[j]; a picked axis is one fixed index.
     kept = [a for a in range(len(m.view)) if not m.pick or a != m.pick[0]]
     view_index: list[slice] = [slice(None)] * len(m.view)
@@ -82,19 +95,24 @@ def _block(ckpt: SafetensorsDir, m: TensorMap, layer: int | None, index: tuple[s
         read.append(slice(outer.start * inner, outer.stop * inner))
         block_view += [outer.stop - outer.start] + [m.view[a] for a in group[1:]]
         after += [slice(None)] + [view_index[a] for a in group[1:]]
-    name = m.hf.format(i=layer)
     block = ckpt.read(name, tuple(read)).reshape(block_view)[tuple(after)]
     if m.pick:
         block = block[(slice(None),) * m.pick[0] + (0,)]
     return block.transpose(m.perm)
 
 
-def check(ckpt: SafetensorsDir, c: ModelConfig) -> None:
+def fused_experts(ckpt: SafetensorsDir, c: ModelConfig) -> bool:
+    """Whether the checkpoint stacks each layer's experts in one tensor (transformers 5's in-memory names)
+    rather than the hub's one tensor per expert."""
+    return bool(c.num_experts) and any(n.endswith(".mlp.experts.gate_up_proj") for n in ckpt.names())
+
+
+def check(ckpt: SafetensorsDir, c: ModelConfig, maps: tuple[list[TensorMap], list[TensorMap]] | None = None) -> None:
     """Raises ConfigError naming every missing, misshaped or unexpected tensor."""
-    top, layer = families.tensor_maps(c)
+    top, layer = maps or families.tensor_maps(c)
     expected = {m.hf: m.hf_shape for m in top}
     for i in range(c.num_layers):
-        expected.update({m.hf.format(i=i): m.hf_shape for m in layer})
+        expected.update({name: m.hf_shape for m in families.layer_maps(c, layer, i) for name in m.names(i)})
     present = set(ckpt.names())
     missing = sorted(set(expected) - present)
     misshaped = [f"{n} {list(ckpt.shape(n))} (expected {list(s)})" for n, s in expected.items()
@@ -113,28 +131,30 @@ def check(ckpt: SafetensorsDir, c: ModelConfig) -> None:
                           f"The checkpoint is incomplete or not of the architecture its config names")
 
 
-def open_checkpoint(hf_dir: str, c: ModelConfig) -> SafetensorsDir:
+def open_checkpoint(hf_dir: str, c: ModelConfig) -> tuple[SafetensorsDir, tuple[list[TensorMap], list[TensorMap]]]:
+    """The checkpoint, checked against `c`, and the tensor maps of its layout."""
     ckpt = SafetensorsDir(hf_dir)
     if c.architecture == "gpt2" and not any(n.startswith("transformer.") for n in ckpt.names()):
         # The original GPT-2 uploads name tensors without the GPT2LMHeadModel prefix.
         ckpt.entries = {f"transformer.{n}": e for n, e in ckpt.entries.items()}
-    check(ckpt, c)
-    return ckpt
+    maps = families.tensor_maps(c, fused_experts(ckpt, c))
+    check(ckpt, c, maps)
+    return ckpt, maps
 
 
 def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) -> dict:
     """The model's parameters from `hf_dir`, each array on its target sharding (jaxlm.core.sharding rules)."""
-    ckpt = open_checkpoint(hf_dir, c)
+    ckpt, (top, layer) = open_checkpoint(hf_dir, c)
     model = Transformer(c, "xla")
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     shardings = traverse_util.flatten_dict(tree_shardings(boxed, mesh), is_leaf=lambda _, x: not isinstance(x, dict))
     abstract = traverse_util.flatten_dict(sharded_init.strip_boxes(boxed))
-    top, layer = families.tensor_maps(c)
     jobs = [(m, None, m.path) for m in top]
-    if c.scan_layers:
-        jobs += [(m, "stacked", ("layers", *m.path)) for m in layer]
+    if c.scan_layers:  # one stack: every layer of one kind (a dense/MoE mix cannot scan)
+        jobs += [(m, "stacked", ("layers", *m.path)) for m in families.layer_maps(c, layer, 0)]
     else:
-        jobs += [(m, i, (f"layers_{i}", *m.path)) for i in range(c.num_layers) for m in layer]
+        jobs += [(m, i, (f"layers_{i}", *m.path))
+                 for i in range(c.num_layers) for m in families.layer_maps(c, layer, i)]
     if sorted(p for _, _, p in jobs) != sorted(abstract):
         raise AssertionError(f"tensor maps do not cover the model: {sorted(set(abstract) ^ {p for _, _, p in jobs})}")
 

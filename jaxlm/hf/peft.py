@@ -29,7 +29,7 @@ def _modules(c: ModelConfig) -> dict[tuple[str, ...], str]:
         raise ConfigError(f"PEFT adapters map to LLaMA-family models only, not model.architecture={c.architecture}")
     _, layer = families.tensor_maps(c)
     return {m.path: m.hf.removesuffix(".weight") for m in layer
-            if m.hf.endswith("_proj.weight")}
+            if m.hf.endswith("_proj.weight") and not m.experts}  # PEFT adapts no per-expert modules
 
 
 def _layer_items(adapters: dict, c: ModelConfig):

@@ -42,9 +42,18 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return [tokenizer.bos_id(), *whole[:n]], cont
 
 
+def dropless(model):
+    """`model` as inference runs it: a mixture-of-experts model without expert capacity (dropless), as cached
+    decoding always is. With a capacity, the rows of a batch compete for the experts' places, so a request's
+    score would depend on the requests batched with it, and differ from the model `generate` samples from."""
+    if not getattr(model.config, "capacity_factor", 0.0):
+        return model
+    return model.clone(config=dataclasses.replace(model.config, capacity_factor=0.0))
+
+
 class Scorer:
     def __init__(self, model, params, batch_size: int = 8, max_len: int | None = None):
-        self.model, self.params, self.batch_size = model, params, batch_size
+        self.model, self.params, self.batch_size = dropless(model), params, batch_size
         self.max_len = max_len or model.config.max_seq_len
         self._forward = jax.jit(self._forward_fn)
 

@@ -31,7 +31,9 @@ LORA_A, LORA_B = "_lora_a", "_lora_b"  # suffixes of the adapter params `jaxlm.m
 
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-    """A weight with a LoRA update, w + a @ b (a: (*in, r), b: (r, *out), scale folded into b); see `dense`."""
+    """A weight with a LoRA update, w + a @ b (a: (*in, r), b: (r, *out), scale folded into b); see `dense`.
+    A mixture-of-experts stack's are batched over its leading expert axis, (E, *in, r) and (E, r, *out)
+    (`moe.expert_weights` merges those)."""
 
     w: jax.Array
     a: jax.Array
@@ -118,14 +120,16 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
     config: ModelConfig
+    mlp_dim: int = 0  # 0: config.mlp_dim (a MoE's shared expert has its own width)
 
     @nn.compact
     def __call__(self, x_btd):
         c = self.config
         dt = compute_dtype(c)
-        gate_df = weight(self, "gate", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
-        up_df = weight(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
-        down_fd = weight(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), c)
+        f = self.mlp_dim or c.mlp_dim
+        gate_df = weight(self, "gate", (c.d_model, f), ("embed", "mlp"), c)
+        up_df = weight(self, "up", (c.d_model, f), ("embed", "mlp"), c)
+        down_fd = weight(self, "down", (f, c.d_model), ("mlp", "embed"), c)
         x_btd = x_btd.astype(dt)
         gate_btf = dense(x_btd, gate_df.astype(dt))
         up_btf = dense(x_btd, up_df.astype(dt))

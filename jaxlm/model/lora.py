@@ -1,17 +1,20 @@
 """LoRA through parameter masks: low-rank adapters beside a frozen base.
 
 The trainable params are `{"base": model params, "lora": adapters}`. An adapter for a weight W of shape
-(*L, *in, *out) is A (*L, *in, r) and B (*L, r, *out) (*L is the scanned layer axis, when there is one),
-with the weight's logical axis names, so it shards with W. `Lora.apply` places A and (alpha / r) * B
-beside W in the model's params (`{name}_lora_a`, `{name}_lora_b`); `layers.weight` then returns a
-`LowRank` and `layers.dense` computes x @ W + (x @ A) @ B, so no gradient of the full W is ever formed.
+(*L, *in, *out) is A (*L, *in, r) and B (*L, r, *out), with the weight's logical axis names, so it shards
+with W. *L are the lead axes: the scanned layer axis, when there is one, and a mixture-of-experts layer's
+expert axis, so that each expert (of each layer) has its own A and B. `Lora.apply` places A and
+(alpha / r) * B beside W in the model's params (`{name}_lora_a`, `{name}_lora_b`); `layers.weight` then
+returns a `LowRank` and `layers.dense` computes x @ W + (x @ A) @ B, so no gradient of the full W is ever
+formed (`moe.expert_weights` instead merges W + A @ B per expert, since its grouped matmuls take whole
+weights). The MoE router and shared-expert gate take no adapter (`UNADAPTED`).
 Scanned layers slice the adapters with the weights, and a quantized W (QLoRA: a
 `jaxlm.model.quantize.QuantizedArray`, whose codes and scales keep W's logical axis names and so shard like W) is
 dequantized as usual. The base is frozen twice: `stop_gradient` here and `optim.build_optimizer`'s
 trainable mask (so the base holds no optimizer state).
 
-Dropout drops whole rank components (per layer, rows of A) with probability `dropout` during training and
-rescales the rest; PEFT's dropout on the adapter's input would need a mask per activation instead.
+Dropout drops whole rank components (per layer and expert: rows of A) with probability `dropout` during
+training and rescales the rest; PEFT's dropout on the adapter's input would need a mask per activation instead.
 `merge` folds the adapters into W (for saving a plain model and for export). Continuing from saved or
 PEFT adapters is `jaxlm.training.base.initial_adapters` (`model.init_from=RUN/adapters`).
 """
@@ -37,16 +40,25 @@ from jaxlm.model.quantize import is_quantized, quantize_params
 ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapters.json"
 
 
+# Leading axes that batch independent weights: each slice gets its own adapter.
+LEAD_AXES = ("layers", "expert")
+# The MoE router and the shared expert's gate: `moe.MoE` reads them as plain weights (it takes `.w` of a
+# `LowRank`), so an adapter there would never take part in the forward pass nor train. Routing stays the base's.
+UNADAPTED = re.compile(r"(^|/)moe/(router|shared_gate)$")
+
+
 def _is_box(x) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
 class Target:
-    """One adapted weight: where it is, how its axes split into (layers, inputs, outputs), and their names."""
+    """One adapted weight: where it is, how its axes split into (lead, inputs, outputs), and their names."""
 
     def __init__(self, path: str, shape: tuple[int, ...], names: tuple):
         self.path = path
-        lead = 1 if names and names[0] == "layers" else 0
+        lead = 0
+        while lead < len(names) and names[lead] in LEAD_AXES:
+            lead += 1
         core = names[lead:]
         if "vocab" in core or "norm" in core:
             raise ConfigError(f"lora.targets matches {path}: embeddings and the output head cannot take LoRA; "
@@ -72,17 +84,30 @@ class Target:
 
 
 def find_targets(boxed_params, config: LoraConfig) -> dict[str, Target]:
-    """The weights whose path matches any of `config.targets` (searched, e.g. "attn/(q|v)$")."""
+    """The weights whose path matches any of `config.targets` (searched, e.g. "attn/(q|v)$").
+
+    MoE routing weights (`UNADAPTED`) are passed over, so that "(gate|up|down)$" does not trip on
+    "moe/shared_gate"; a pattern that matches nothing else is an error rather than a silent no-op."""
     patterns = [re.compile(p) for p in config.targets]
-    targets = {}
+    targets, passed_over = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]:
         p = path_str(path)
-        if any(c.search(p) for c in patterns):
-            names = leaf.names if _is_box(leaf) else (None,) * len(leaf.shape)
-            value = leaf.value if _is_box(leaf) else leaf
-            if len(value.shape) < 2:
-                continue  # norms and biases are not projections
-            targets[p] = Target(p, tuple(value.shape), tuple(names))
+        matching = [c.pattern for c in patterns if c.search(p)]
+        if not matching:
+            continue
+        if UNADAPTED.search(p):
+            for m in matching:
+                passed_over.setdefault(m, p)
+            continue
+        names = leaf.names if _is_box(leaf) else (None,) * len(leaf.shape)
+        value = leaf.value if _is_box(leaf) else leaf
+        if len(value.shape) < 2:
+            continue  # norms and biases are not projections
+        targets[p] = Target(p, tuple(value.shape), tuple(names))
+    for pattern, p in passed_over.items():
+        if not any(re.search(pattern, t) for t in targets):
+            raise ConfigError(f"lora.targets pattern {pattern!r} matches only MoE routing weights (e.g. {p}), which "
+                              f"cannot take LoRA; adapt the experts instead, e.g. 'moe/(gate|up|down)$'")
     if not targets:
         every = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=_is_box)[0]]
         raise ConfigError(f"lora.targets={config.targets} matches no parameter; paths look like {', '.join(every[:8])}")
@@ -142,7 +167,7 @@ class Lora:
         return jax.tree_util.tree_map_with_path(visit, base, is_leaf=is_quantized)
 
     def _dropped(self, path: str, t: Target, a: jax.Array, rng: jax.Array | None) -> jax.Array:
-        """A with whole rank components dropped (per layer) and the rest rescaled, when training with dropout."""
+        """A with whole rank components dropped (per lead slice) and the rest rescaled, when training with dropout."""
         if rng is None or not self.config.dropout:
             return a
         keep = 1.0 - self.config.dropout

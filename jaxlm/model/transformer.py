@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxlm.core.config import ConfigError, ModelConfig
 from jaxlm.core.sharding import BATCH_AXES, constrain
 from jaxlm.model import attention, context_parallel, pipeline
+from jaxlm.model.moe import MoE
 from jaxlm.model.pipeline import Pipeline
 from jaxlm.model.layers import (MLP, GeluMLP, LayerNorm, LowRank, RMSNorm, apply_rope, compute_dtype, dense,
                                 param_dtype, rope_frequencies, weight)
@@ -112,6 +113,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     impl: str
+    moe: bool = False  # routed experts (jaxlm.model.moe) instead of the dense MLP
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
@@ -122,7 +124,10 @@ class Block(nn.Module):
             h_btd, positions_bt, segment_ids_bt, layer_cache, decode)
         x_btd = x_btd + attn_btd
         h_btd = norm(c, "mlp_norm")(x_btd)
-        x_btd = x_btd + (GeluMLP if c.architecture == "gpt2" else MLP)(c, name="mlp")(h_btd)
+        if self.moe:
+            x_btd = x_btd + MoE(c, name="moe")(h_btd, segment_ids_bt, decoding=layer_cache is not None)
+        else:
+            x_btd = x_btd + (GeluMLP if c.architecture == "gpt2" else MLP)(c, name="mlp")(h_btd)
         return constrain(x_btd, BTD), layer_cache
 
 
@@ -179,16 +184,16 @@ class Transformer(nn.Module):
             # The cache is scanned over its leading layer axis; everything else is the same for each layer.
             in_axes = nn.broadcast if cache is None else (nn.broadcast, nn.broadcast, 0, nn.broadcast)
             layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
-                length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.impl, name="layers")
+                block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                in_axes=in_axes, length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.impl, c.num_experts > 0, name="layers")
             extra = () if cache is None else (cache, decode)
             x_btd, cache = layers(x_btd, positions_bt, segment_ids_bt, *extra)
         else:
             per_layer = []
             for i in range(c.num_layers):
                 layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-                x_btd, layer_cache = block(c, self.impl, name=f"layers_{i}")(
+                x_btd, layer_cache = block(c, self.impl, c.is_moe_layer(i), name=f"layers_{i}")(
                     x_btd, positions_bt, segment_ids_bt, layer_cache, decode)
                 per_layer.append(layer_cache)
             if cache is not None:
@@ -236,7 +241,7 @@ class Transformer(nn.Module):
         c = self.config
 
         def layer_fn(p, x, pos, seg):  # one layer as a pure function of its params
-            return Block(c, self.impl, parent=None).apply({"params": p}, x, pos, seg)[0]
+            return Block(c, self.impl, c.num_experts > 0, parent=None).apply({"params": p}, x, pos, seg)[0]
 
         if c.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[c.remat])

@@ -3,8 +3,9 @@
 For a target such as `v5p-256`, `v5e:8x8` or `h100x8` it reports the mesh and how it lies on the
 topology, the memory per device (parameters, optimizer state, batch, saved activations, the largest
 temporaries), whether it fits, the FLOPs per step and the step time at a stated MFU (with a pipeline's
-bubble), and, when it does not fit, the first of a list of changes that does: remat, loss tiling, an all-FSDP
-mesh, context parallelism, pipeline stages, and last gradient accumulation.
+bubble, and a mixture of experts' all-to-all time at the target's link bandwidth), and, when it does not fit,
+the first of a list of changes that does: remat, loss tiling, an all-FSDP mesh, expert parallelism, context
+parallelism, pipeline stages, and last gradient accumulation.
 
 Every number says which method produced it: `analytic` (jaxlm/planning/memory.py, instant, no compiler),
 `XLA AOT <platform>` (the real train step compiled for the target's devices through
@@ -43,6 +44,15 @@ GPUS = {
     "a100": (80 * 10**9, flops.PEAK_FLOPS["NVIDIA A100"]),
     "b200": (180 * 10**9, flops.PEAK_FLOPS["NVIDIA B200"]),
 }
+# Interconnect bandwidth per device, one direction, bytes/s: (within a slice or node, across them). TPU ICI is
+# the datasheet's bidirectional figure per chip halved (v4: 6 links of 50 GB/s); DCN is the datasheet's per
+# chip (v5e: a host's 2 x 100 Gb/s NICs over its 8 chips; v4 and v6e not published: estimates). GPUs: NVLink
+# within a node of 8, and one InfiniBand NIC per GPU between nodes (400 Gb/s; A100 systems 200 Gb/s).
+LINKS = {
+    "v4": (300e9, 3.125e9), "v5p": (600e9, 6.25e9), "v5e": (200e9, 3.125e9), "v6e": (400e9, 12.5e9),
+    "h100": (450e9, 50e9), "h200": (450e9, 50e9), "a100": (300e9, 25e9), "b200": (900e9, 50e9),
+}
+GPUS_PER_NODE = 8
 # Standard slice shapes by chip count (v4/v5p 3-D tori, v5e/v6e 2-D).
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16", 8192: "16x16x32"}
@@ -62,6 +72,8 @@ class Target:
     hbm: int  # bytes per device
     peak_flops: float  # per device
     topology: str = ""  # per slice, e.g. "v5e:8x8"; empty for GPUs
+    ici_bw: float = 0.0  # bytes/s per device, one direction, within a slice (GPUs: within a node)
+    dcn_bw: float = 0.0  # across slices (GPUs: across nodes)
 
     @property
     def per_slice(self) -> int:
@@ -81,7 +93,7 @@ def parse_target(name: str, slices: int = 1) -> Target:
             raise ConfigError(f"target {name!r}: {n} GPUs is out of range: must be >= 1, e.g. {gpu.group(1)}x8")
         if slices > 1:
             raise ConfigError("--slices is for TPU multislice; for GPUs give the total, e.g. h100x64")
-        return Target(name, "gpu", gpu.group(1), n, 1, hbm, peak)
+        return Target(name, "gpu", gpu.group(1), n, 1, hbm, peak, "", *LINKS[gpu.group(1)])
     topo = re.fullmatch(r"(v\d[a-z]?):(\d+(?:x\d+)+)", text)
     named = re.fullmatch(r"(v\d[a-z]?)-(\d+)", text)
     gen = (topo or named).group(1) if (topo or named) else None
@@ -108,7 +120,7 @@ def parse_target(name: str, slices: int = 1) -> Target:
             sizes = ", ".join(f"{gen}-{c * 2 if counts_cores else c}" for c in shapes)
             raise ConfigError(f"target {name!r} is not a standard {gen} slice; one of {sizes}")
         shape = shapes[chips]
-    return Target(name, "tpu", gen, chips * slices, slices, hbm, peak, f"{gen}:{shape}")
+    return Target(name, "tpu", gen, chips * slices, slices, hbm, peak, f"{gen}:{shape}", *LINKS[gen])
 
 
 def target_devices(target: Target):
@@ -131,6 +143,44 @@ def target_devices(target: Target):
     return None, "GPU targets are planned analytically (the CUDA compile-only plugin is not a jaxlm extra)"
 
 
+@dataclasses.dataclass(frozen=True)
+class AllToAll:
+    """A step's expert all-to-alls, per device, under uniform routing: each sends its tokens x k assignments
+    (rows of d_model values in the compute dtype) to the experts' devices, (ep - 1) / ep of them off-device."""
+
+    count: int  # all-to-alls per step (0: no expert parallelism)
+    ici_bytes: float  # sent to devices of the same slice (GPUs: node)
+    dcn_bytes: float  # sent to other slices (nodes)
+    seconds: float  # at the target's link bandwidths, not overlapped with compute (the experts wait for it)
+
+    @property
+    def bytes(self) -> float:
+        return self.ici_bytes + self.dcn_bytes
+
+
+def all_to_all(config: Config, target: Target, shape: dict) -> AllToAll:
+    """Per MoE layer and micro-batch: 2 all-to-alls forward (to the experts and back) and 2 backward (their
+    transposes), and 2 more when remat recomputes the layer's forward for the backward pass."""
+    c, sizes = config.model, _sizes(shape)
+    ep, layers = sizes["expert"], flops.moe_layer_count(config.model)
+    if ep == 1 or not layers:
+        return AllToAll(0, 0.0, 0.0, 0.0)
+    count = layers * config.optim.grad_accum * (4 if c.remat == "none" else 6)
+    each = plan_memory.micro_tokens(config, sizes) * c.experts_per_token * c.d_model * np.dtype(c.dtype).itemsize
+    near = _expert_neighbours(target, shape)
+    ici, dcn = count * each * (near - 1) / ep, count * each * (ep - near) / ep
+    return AllToAll(count, ici, dcn, ici / target.ici_bw + dcn / target.dcn_bw)
+
+
+def _expert_neighbours(target: Target, shape: dict) -> int:
+    """How many of an expert group's devices share the fast links (the sender included): its ICI part on
+    TPUs; on GPUs those in one node, where the group's devices lie `tensor` apart (the innermost mesh axis)."""
+    if target.platform == "tpu":
+        return shape["ici"]["expert"]
+    stride = _sizes(shape)["tensor"]
+    return max(1, min(_sizes(shape)["expert"], GPUS_PER_NODE // stride))
+
+
 @dataclasses.dataclass
 class Plan:
     target: Target
@@ -145,6 +195,7 @@ class Plan:
     loss_chunks: int = 1  # the loss's sequence pieces (1: whole logits)
     microbatches: int = 0  # pipeline micro-batches (0: no stages)
     bubble: float = 0.0  # the fraction of the step the pipeline stages idle
+    all_to_all: AllToAll = AllToAll(0, 0.0, 0.0, 0.0)  # the experts' token exchange (MoE with mesh.expert > 1)
 
     @property
     def per_device(self) -> int:
@@ -158,8 +209,10 @@ class Plan:
 
     @property
     def step_time(self) -> float:
-        """At the stated MFU while computing; a pipeline's bubble adds its idle ticks."""
-        return self.step_flops / (self.target.chips * self.target.peak_flops * self.mfu) / (1 - self.bubble)
+        """At the stated MFU while computing; a pipeline's bubble adds its idle ticks, and the experts'
+        all-to-alls their transfer time."""
+        compute = self.step_flops / (self.target.chips * self.target.peak_flops * self.mfu) / (1 - self.bubble)
+        return compute + self.all_to_all.seconds
 
 
 def _sizes(shape: dict) -> dict[str, int]:
@@ -203,7 +256,8 @@ def make_plan(config: Config, target: Target, mfu: float = 0.4, method: str = "a
     compiled = plan_memory.compiled(config, devices) if devices is not None else None
     step_flops = flops.flops_per_token(config.model, config.train.seq_len) * config.train.batch_size * config.train.seq_len
     plan = Plan(target, shape, placement(config.mesh, shape, target, devices), memory, compiled, note, step_flops, mfu,
-                loss_chunks=chunks, microbatches=microbatches, bubble=bubble)
+                loss_chunks=chunks, microbatches=microbatches, bubble=bubble,
+                all_to_all=all_to_all(config, target, shape))
     if not plan.fits:
         plan.suggestion = suggest(config, target)
     return plan
@@ -231,17 +285,22 @@ def _with(config: Config, changes: dict) -> Config:
 
 def _levers(config: Config, target: Target) -> list[dict]:
     """Changes to try, cheapest first, each with the ones before it that still apply: loss tiling, an
-    all-FSDP mesh, context parallelism (long rows), pipeline stages (across slices, else within one), and
-    last gradient accumulation, which shrinks the batch each step sees."""
-    t, m = config.train, config.mesh
+    all-FSDP mesh, expert parallelism (MoE), context parallelism (long rows), pipeline stages (across
+    slices, else within one; not for MoE), and last gradient accumulation, which shrinks the batch each
+    step sees."""
+    t, m, experts = config.train, config.mesh, config.model.num_experts
     base: dict = {"train.loss_chunks": 0} if t.loss_chunks == 1 else {}
     levers = [{}, base] if base else [{}]
     if (m.stage, m.data, m.fsdp, m.tensor, m.sequence, m.expert) != (1, 1, -1, 1, 1, 1):
         base = {**base, **{f"mesh.{a}": 1 for a in mesh_lib.AXES}, "mesh.fsdp": -1}
         levers.append(base)
+    # Each device keeps E/ep experts: FSDP no longer gathers every expert of a layer, and the recomputed
+    # layer holds fewer weights; the price is the all-to-all the plan reports. ep must divide E.
+    levers += [{**base, "mesh.expert": n} for n in (2, 4, 8, 16, 32, 64)
+               if experts and experts % n == 0 and target.per_slice % n == 0]
     if t.seq_len >= 8192:
         levers += [{**base, "mesh.sequence": n} for n in (2, 4, 8) if t.seq_len % (2 * n) == 0]
-    stages = [target.slices] if target.slices > 1 else [2, 4, 8]
+    stages = [] if experts else [target.slices] if target.slices > 1 else [2, 4, 8]  # MoE: no stages yet
     for n in stages:
         if n > 1 and config.model.num_layers % n == 0:
             key = "mesh.dcn_stage" if target.slices > 1 else "mesh.stage"
@@ -270,24 +329,53 @@ def suggest(config: Config, target: Target) -> str:
             if fits(_with(config, changes)):
                 changed = {k: v for k, v in changes.items() if _with(config, {k: v}) != config}
                 return " ".join(f"{k}={v}" for k, v in changed.items()) or "(fits as is)"
-    return ("nothing tried fits (remat, loss tiling, all-FSDP, context parallelism, pipeline stages, gradient "
-            "accumulation up to 64); use more chips, a larger-HBM target, or model.param_dtype=bfloat16")
+    return ("nothing tried fits (remat, loss tiling, all-FSDP, expert parallelism, context parallelism, pipeline "
+            "stages, gradient accumulation up to 64); use more chips, a larger-HBM target, or "
+            "model.param_dtype=bfloat16")
 
 
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.1f} MiB"
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _moe_rows(config: Config, plan: Plan) -> dict:
+    """The mixture of experts' rows: the experts' share of the memory and the step's all-to-all traffic."""
+    c, m, a, t = config.model, plan.memory, plan.all_to_all, plan.target
+    ep = _sizes(plan.mesh)["expert"]
+    experts = (f"{_gib(m.expert_params)} (+ {_gib(m.expert_optimizer)} optimizer), "
+               f"{c.num_experts // ep} of {c.num_experts} experts per device")
+    if not a.count:
+        traffic = "none: mesh.expert=1, every device holds every expert (gathered over FSDP)"
+    else:
+        per = 4 if c.remat == "none" else 6
+        traffic = (f"{_gib(a.bytes)} sent per device in {a.count} all-to-alls ({flops.moe_layer_count(c)} MoE layers x "
+                   f"{config.optim.grad_accum} micro-batches x {per}): {a.seconds:.3f} s at {t.ici_bw / 1e9:.0f} GB/s")
+        if a.dcn_bytes:
+            across = "slices" if t.platform == "tpu" else "nodes"
+            traffic += f" ({_gib(a.dcn_bytes)} of it across {across} at {t.dcn_bw / 1e9:.1f} GB/s)"
+    return {"active": _count(flops.active_params(c, m.param_count)),
+            "experts": ("expert weights (in the above)", experts, "analytic (exact shapes)"),
+            "traffic": ("expert all-to-all per step", traffic, "analytic (uniform routing)")}
+
+
 def format_plan(config: Config, plan: Plan) -> str:
     t, m = plan.target, plan.memory
     c = plan.compiled
+    moe = _moe_rows(config, plan) if config.model.num_experts else {}
     xla = f"XLA AOT {c.platform}" if c else ""
     rows = [
         ("target", f"{t.name}: {t.chips} {t.generation} {'chips' if t.platform == 'tpu' else 'GPUs'}, "
                    f"{_gib(t.hbm)} HBM and {t.peak_flops / 1e12:.0f} TFLOP/s bf16 each", "datasheet"),
         ("mesh", plan.placement, "config + topology" if c else "config"),
+        ("model", f"{_count(m.param_count)} parameters" + (f", {moe['active']} active per token" if moe else ""),
+         "analytic (exact shapes)"),
         ("parameters", _gib(m.params), "analytic (exact shapes)"),
         ("optimizer state", _gib(m.optimizer), "analytic (exact shapes)"),
+        *([moe["experts"]] if moe else []),
         ("batch", _gib(m.batch), "analytic (exact shapes)"),
         (f"saved activations (remat={config.model.remat})", _gib(m.activations), "analytic"),
         ("largest temporaries (grads, logits, one layer)", _gib(m.temporaries), "analytic"),
@@ -313,9 +401,11 @@ def format_plan(config: Config, plan: Plan) -> str:
     rows += [
         ("fits", answer, fit_method),
         ("FLOPs per step", f"{plan.step_flops:.3e} ({config.train.batch_size} x {config.train.seq_len} tokens)",
-         "analytic (6N + attention)"),
-        ("step time", f"{plan.step_time:.3f} s at MFU {plan.mfu:.0%} "
-                      f"({config.train.batch_size * config.train.seq_len / plan.step_time:,.0f} tokens/s)",
+         "analytic (6N active + attention)" if moe else "analytic (6N + attention)"),
+        *([moe["traffic"]] if moe else []),
+        ("step time", f"{plan.step_time:.3f} s at MFU {plan.mfu:.0%}"
+                      + (f", {plan.all_to_all.seconds:.3f} s of it all-to-all" if plan.all_to_all.seconds else "")
+                      + f" ({config.train.batch_size * config.train.seq_len / plan.step_time:,.0f} tokens/s)",
          "analytic"),
     ]
     tiled = f"{plan.loss_chunks} sequence pieces at a time" if plan.loss_chunks > 1 else "whole (untiled)"

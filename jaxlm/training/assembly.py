@@ -209,6 +209,11 @@ def check_parallelism(config: Config, sizes: dict[str, int]) -> int:
                  "(context parallelism)") if micro < ways else ""
         raise ConfigError(f"train.batch_size/optim.grad_accum={micro} is not divisible by the "
                           f"{ways}-way batch sharding (mesh data*fsdp*expert); change one of them{fewer}")
+    experts, ep, m = config.model.num_experts, sizes["expert"], config.mesh
+    if experts and experts % ep:  # the config's own check cannot see a -1 axis resolved on these devices
+        raise ConfigError(f"mesh.expert={m.expert} (x mesh.dcn_expert={m.dcn_expert}) makes a {ep}-way expert axis "
+                          f"on this mesh, which does not divide model.num_experts={experts}; set mesh.expert to a "
+                          f"divisor of it")
     stages, seq = sizes["stage"], sizes["sequence"]
     if seq > 1:
         context_parallel.check_length(t.seq_len, seq)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import chat
-from jaxlm.training.objectives import Objective, per_token_losses
+from jaxlm.training.objectives import Objective, per_token_losses, router_terms
 from jaxlm.training.sft import Report, usable
 
 SIDES = ("chosen", "rejected")
@@ -79,10 +79,10 @@ def sequence_logps(apply_fn: Callable, params, batch: dict, rng=None, dropout: b
     """{side: (B,) summed log-probs of the response tokens}, both sides in one forward pass."""
     cat = lambda key: jnp.concatenate([batch[f"{s}_{key}"] for s in SIDES])
     both = {k: cat(k) for k in ("inputs", "positions", "segment_ids")}
-    _, nll = per_token_losses(apply_fn, params, both, cat("targets"), rng, dropout, loss_chunks)
+    _, nll, router = per_token_losses(apply_fn, params, both, cat("targets"), rng, dropout, loss_chunks)
     logp = -jnp.sum(nll * cat("mask").astype(jnp.float32), axis=-1)
     b = batch["chosen_inputs"].shape[0]
-    return {"chosen": logp[:b], "rejected": logp[b:]}
+    return {"chosen": logp[:b], "rejected": logp[b:], "router": router}
 
 
 def objective(apply_fn: Callable, beta: float, dropout: bool = False, loss_chunks: int = 0) -> Objective:
@@ -100,7 +100,8 @@ def objective(apply_fn: Callable, beta: float, dropout: bool = False, loss_chunk
             "tokens": sum(jnp.sum(batch[f"{s}_segment_ids"] > 0) for s in SIDES).astype(jnp.float32),
             "weight": jnp.asarray(margin.shape[0], jnp.float32),  # the sums are over pairs
         }
-        return total, metrics
+        penalty, router_metrics = router_terms(logp["router"], metrics["weight"])
+        return total + penalty, {**metrics, **router_metrics}
 
     return Objective("dpo", loss, per_token=False)
 
@@ -114,7 +115,7 @@ def fill_reference(apply_fn: Callable, params, rows: dict[str, np.ndarray], batc
 
     # Replicated output under a mesh: every process can read it (on several hosts, a batch-sharded one would not be).
     on_mesh = not jax.sharding.get_abstract_mesh().empty
-    fn = jax.jit(lambda p, b: sequence_logps(apply_fn, p, b),
+    fn = jax.jit(lambda p, b: {s: sequence_logps(apply_fn, p, b)[s] for s in SIDES},
                  out_shardings=jax.sharding.PartitionSpec() if on_mesh else None)
     keys = [k for k in rows if not k.startswith("ref_")]
     for i in tqdm(range(0, len(missing), batch_size), desc="reference log-probs", unit="batch", disable=not progress):

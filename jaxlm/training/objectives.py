@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
+
+from jaxlm.model import moe
 
 from jaxlm.training.losses import head_logits, masked_sums, resolve_chunks, tiled_token_losses, token_losses
 
@@ -42,14 +45,32 @@ def forward(apply_fn: Callable, params, batch, rng=None, dropout: bool = False, 
 
 def per_token_losses(apply_fn: Callable, params, batch, targets, rng=None, dropout: bool = False,
                      loss_chunks: int = 0):
-    """Per-token (logsumexp, -log p(target)) for `batch`, float32 (B, T) each. The logits are formed whole,
-    or that many sequence pieces at a time (`losses.tiled_token_losses`); `loss_chunks=0` decides by their
-    size per device."""
-    h_btd, head_vd = forward(apply_fn, params, batch, rng, dropout, hidden=True)
+    """Per-token (logsumexp, -log p(target)) for `batch`, float32 (B, T) each, and the router statistics of
+    a mixture-of-experts model (`jaxlm.model.moe.collect_stats`; None for a dense one). The logits are
+    formed whole, or that many sequence pieces at a time (`losses.tiled_token_losses`); `loss_chunks=0`
+    decides by their size per device."""
+    (h_btd, head_vd), state = forward(apply_fn, params, batch, rng, dropout, hidden=True, mutable=["intermediates"])
+    router = moe.collect_stats(state.get("intermediates", {}))
     chunks = resolve_chunks(loss_chunks, *targets.shape, head_vd.shape[0])
     if chunks == 1:
-        return token_losses(head_logits(h_btd, head_vd), targets)
-    return tiled_token_losses(h_btd, head_vd, targets, chunks)
+        return (*token_losses(head_logits(h_btd, head_vd), targets), router)
+    return (*tiled_token_losses(h_btd, head_vd, targets, chunks), router)
+
+
+def router_terms(router: dict | None, weight) -> tuple[jax.Array, dict]:
+    """(penalty, metrics) of a MoE model's router statistics, as sums over `weight` units like every other
+    objective term: the weighted load-balancing and z losses averaged over the MoE layers, and per layer
+    the busiest and idlest expert's load (1 = an even share) and the fraction of assignments dropped."""
+    if router is None:
+        return jnp.zeros((), jnp.float32), {}
+    experts = router["load"].shape[-1]
+    metrics = {"moe/balance_loss": jnp.mean(router["balance"]), "moe/z_loss": jnp.mean(router["z"]),
+               "moe/dropped": jnp.mean(router["dropped"])}
+    for i in range(router["load"].shape[0]):
+        metrics[f"moe/load_max/moe_layer{i}"] = experts * jnp.max(router["load"][i])
+        metrics[f"moe/load_min/moe_layer{i}"] = experts * jnp.min(router["load"][i])
+        metrics[f"moe/dropped/moe_layer{i}"] = router["dropped"][i]
+    return jnp.mean(router["loss"]) * weight, {k: v * weight for k, v in metrics.items()}
 
 
 def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False, loss_chunks: int = 0) -> Objective:
@@ -57,9 +78,10 @@ def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False, l
     SFT's mask marks the assistant's tokens only)."""
 
     def loss(params, batch, rng):
-        logz, nll = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, loss_chunks)
+        logz, nll, router = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, loss_chunks)
         nll, zl, count = masked_sums(logz, nll, batch["loss_mask"], z_loss)
         tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
-        return nll + zl, {"loss": nll, "weight": count, "tokens": tokens}
+        penalty, router_metrics = router_terms(router, count)
+        return nll + zl + penalty, {"loss": nll, "weight": count, "tokens": tokens, **router_metrics}
 
     return Objective("next_token", loss)
