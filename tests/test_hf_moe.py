@@ -179,6 +179,7 @@ def test_fused_expert_tensors_import(saved, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fused, split)
 
 
+@pytest.mark.slow  # two CLI processes (~8 s); the round trip itself is checked by default above
 def test_cli_round_trip_of_a_mixed_dense_moe_model(saved, tmp_path):
     src = str(tmp_path / "src")
     save_model("qwen3_moe", src)
