@@ -42,8 +42,8 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapters.safetensors", "adapters.json"
 
 # Leading axes that batch independent weights: each slice gets its own adapter.
 LEAD_AXES = ("layers", "expert")
-# The MoE router and the shared expert's gate: `moe.MoE` reads them as plain weights (it takes `.w` of a
-# `LowRank`), so an adapter there would never take part in the forward pass nor train. Routing stays the base's.
+# The MoE router and the shared expert's gate. Routing stays the base's: an adapter there would move tokens
+# between experts, a discrete change the experts' own adapters cannot follow smoothly.
 UNADAPTED = re.compile(r"(^|/)moe/(router|shared_gate)$")
 
 

@@ -78,7 +78,6 @@ class MoE(nn.Module):
         x_nd = x_btd.astype(dt).reshape(b * t, d)
         mask_n = (segment_ids_bt > 0).reshape(-1)
         router_de = weight(self, "router", (d, c.num_experts), ("embed", None), c)
-        router_de = router_de.w if isinstance(router_de, LowRank) else router_de
         logits_ne = dense(x_nd.astype(jnp.float32), router_de.astype(jnp.float32))
         weights_nk, experts_nk, probs_ne = route(logits_ne, c)
         gate, up, down = expert_weights(self, c, dt)
@@ -105,7 +104,6 @@ class MoE(nn.Module):
         y_btd = MLP(c, mlp_dim=c.shared_expert_dim, name="shared")(x_btd)
         if c.shared_expert_gate:
             gate_d1 = weight(self, "shared_gate", (c.d_model, 1), ("embed", None), c)
-            gate_d1 = gate_d1.w if isinstance(gate_d1, LowRank) else gate_d1
             y_btd = y_btd * jax.nn.sigmoid(dense(x_btd, gate_d1.astype(x_btd.dtype)))
         return y_btd
 
