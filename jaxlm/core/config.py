@@ -455,10 +455,11 @@ def check_moe(m: ModelConfig, mesh: MeshConfig) -> None:
         raise ConfigError(f"model.moe_first_layer={m.moe_first_layer} leaves no MoE layer among "
                           f"model.num_layers={m.num_layers}")
     ways = mesh.expert * mesh.dcn_expert
-    if ways > 0 and m.num_experts % ways:
+    # A -1 (fill) axis is sized on the devices; `assembly.check_parallelism` checks it there.
+    if mesh.expert > 0 and mesh.dcn_expert > 0 and m.num_experts % ways:
         raise ConfigError(f"mesh.expert={mesh.expert} (x dcn_expert={mesh.dcn_expert}) does not divide "
                           f"model.num_experts={m.num_experts}; choose an expert axis that divides it")
-    if mesh.stage * mesh.dcn_stage != 1:
+    if mesh.stage != 1 or mesh.dcn_stage != 1:
         raise ConfigError("pipeline stages (mesh.stage) do not support MoE models yet; use mesh.expert/fsdp instead")
     if m.shared_expert_gate and not m.shared_expert_dim:
         raise ConfigError("model.shared_expert_gate=true needs a shared expert: set model.shared_expert_dim")
