@@ -42,22 +42,23 @@ def jaxlm_decode(model, params, prompts, new_tokens: int, repeats: int) -> dict:
     return {"ttft_ms": 1e3 * statistics.median(ttfts), "decode_tok_s": statistics.median(rates), "tokens": out}
 
 
+class Clock:
+    """A `transformers` streamer (generate only calls put and end) that records when generate hands over each
+    step's tokens; the first `put` is the prompt."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def hf_decode(hf_dir: str, prompts, new_tokens: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        """Records when generate hands over each step's tokens (the first `put` is the prompt)."""
-
-        def __init__(self):
-            self.stamps = []
-
-        def put(self, value):
-            self.stamps.append(time.perf_counter())
-
-        def end(self):
-            pass
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()

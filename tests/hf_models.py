@@ -37,13 +37,13 @@ MOE_FAMILIES = {
 }
 
 
-def make_model(family: str, seed: int = 0):
-    """A random float32 model of `family` with non-trivial norms and biases."""
+def make_model(family: str, seed: int = 0, **config):
+    """A random float32 model of `family` with non-trivial norms and biases; `config` overrides its config."""
     import torch
     import transformers
 
     config_cls, kwargs = {**FAMILIES, **MOE_FAMILIES}[family]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **config})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():  # random norms and biases too (their defaults are ones and zeros)
@@ -57,8 +57,8 @@ def make_model(family: str, seed: int = 0):
     return model
 
 
-def save_model(family: str, directory: str, seed: int = 0, **save_kwargs) -> str:
-    make_model(family, seed).save_pretrained(directory, **save_kwargs)
+def save_model(family: str, directory: str, seed: int = 0, config: dict | None = None, **save_kwargs) -> str:
+    make_model(family, seed, **(config or {})).save_pretrained(directory, **save_kwargs)
     return directory
 
 
@@ -88,14 +88,17 @@ WORDS = ("in the beginning god created heaven and earth light was good day night
          "water land sea sky let there be said saw divided called it from").split()
 
 
-def save_tokenizer(directory: str, vocab_size: int = 96) -> None:
-    """A word-level tokenizer.json with Qwen-style special tokens and a chat template."""
+def save_tokenizer(directory: str, vocab_size: int = 96, fill: bool = False) -> None:
+    """A word-level tokenizer.json with Qwen-style special tokens and a chat template; with `fill`, every id
+    up to `vocab_size` is a word of its own (w0, w1, ...), so any generated token decodes to distinct text."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    words = specials + list(WORDS)
+    words += [f"w{i}" for i in range(vocab_size - len(words))] if fill else []
+    vocab = {t: i for i, t in enumerate(words)}
     assert len(vocab) <= vocab_size
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

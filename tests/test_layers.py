@@ -6,7 +6,7 @@ import pathlib
 
 import jaxlm
 
-LAYERS = ["core", "model", "data", "hf", "training", "inference", "evaluation", "conversion", "planning",
+LAYERS = ["core", "model", "data", "hf", "training", "inference", "serving", "evaluation", "conversion", "planning",
           "commands", "cli"]
 
 

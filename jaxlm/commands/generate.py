@@ -44,7 +44,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from jaxlm.inference.generate import Generator, check_stops, complete_tokens
+    from jaxlm.inference.generate import Generator, check_stops, complete_tokens, prompt_ids
     from jaxlm.inference.load import load_run
 
     texts = _read_prompts(args)
@@ -60,10 +60,7 @@ def run(args) -> int:
         stops += [template.stop_string] if template.stop_string else []
     else:
         rendered = texts
-    prompts = []
-    for text in rendered:
-        ids = tok.encode(text)
-        prompts.append(ids if ids[:1] == [tok.bos_id()] else [tok.bos_id(), *ids])  # a template may bring BOS
+    prompts = [prompt_ids(tok, text) for text in rendered]
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)

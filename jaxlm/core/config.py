@@ -396,6 +396,19 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`jaxlm serve`: the continuous-batching engine (jaxlm/serving) and its HTTP front."""
+
+    max_batch: int = ranged(32, ge=1, le=4096)  # decode slots: requests (times n) generated at once
+    prefill_chunk: int = ranged(256, ge=16, le=65536)  # prompt tokens prefilled per engine step, at most
+    max_queue: int = ranged(256, ge=0)  # waiting requests beyond the busy slots; more get 429
+    grace_period: float = ranged(30.0, ge=0)  # seconds SIGTERM waits for requests in flight
+
+    def __post_init__(self):
+        check_fields(self, "serve.")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "run"
     model: ModelConfig = ModelConfig()

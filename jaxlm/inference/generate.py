@@ -8,6 +8,7 @@ each prompt's first real token. The cache stores KV heads only (GQA), as (L, B, 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import jax
@@ -28,30 +29,48 @@ PROMPT_BUCKET = 32
 CACHE_AXES = ("layers", "activation_batch", None, "activation_kv_heads", "activation_head_dim")
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, mesh=None) -> dict[str, jax.Array]:
-    """Zeros (L, B, S, K, H) for keys and values; with a mesh, born sharded by the logical-axis rules."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
-    zeros = lambda: {"k": jnp.zeros(shape, compute_dtype(config)), "v": jnp.zeros(shape, compute_dtype(config))}
+def init_cache(config: ModelConfig, batch: int, max_len: int, mesh=None, per_layer: bool = False):
+    """Zeros (L, B, S, K, H) for keys and values, or with `per_layer` a list of L {"k", "v"} (B, S, K, H) (for
+    unrolled layers, see Transformer); with a mesh, born sharded by the logical-axis rules."""
+    shape = (batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    axes = CACHE_AXES[1:] if per_layer else CACHE_AXES
+    shape = shape if per_layer else (config.num_layers, *shape)
     if mesh is None:
-        return zeros()
-    sharding = logical_sharding(CACHE_AXES, shape, mesh)
-    return jax.jit(zeros, out_shardings={"k": sharding, "v": sharding})()
+        zeros = lambda: {"k": jnp.zeros(shape, compute_dtype(config)), "v": jnp.zeros(shape, compute_dtype(config))}
+    else:
+        zeros = _sharded_zeros(shape, compute_dtype(config), logical_sharding(axes, shape, mesh))
+    return [zeros() for _ in range(config.num_layers)] if per_layer else zeros()
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Temperature, then top-k, then top-p (nucleus) on (B, V) logits; filtered entries become -inf."""
-    logits = logits / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+@functools.lru_cache(maxsize=64)
+def _sharded_zeros(shape, dtype, sharding):
+    """One compiled program per cache shape: a fresh jit per call would compile again every time (50+ ms)."""
+    return jax.jit(lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+                   out_shardings={"k": sharding, "v": sharding})
+
+
+def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus) on (B, V) logits; filtered entries become -inf.
+
+    Each setting is one value for all rows or (B,) values, one per row (a serving batch mixes requests);
+    top_k 0 and top_p 1 disable their filter."""
+    b, v = logits.shape
+    per_row = lambda x: jnp.broadcast_to(jnp.asarray(x), (b,))[:, None]
+    logits = logits / per_row(temperature)
+    if isinstance(top_k, int) and isinstance(top_p, float) and top_k == 0 and top_p >= 1.0:
+        return logits  # nothing to filter, known when tracing: skip the sort
+    top_k, top_p = per_row(top_k), per_row(top_p)
+    sorted_logits = -jnp.sort(-logits, axis=-1)
+    kth = jnp.take_along_axis(sorted_logits, jnp.clip(top_k - 1, 0, v - 1), axis=-1)
+    keep = (top_k == 0) | (logits >= kth)
+    sorted_logits = jnp.where((top_k == 0) | (jnp.arange(v)[None] < top_k), sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    # (top_p 1 keeps everything outright: rounding can make the mass before the tail reach 1.)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    keep &= (top_p >= 1.0) | (logits >= cutoff)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
@@ -180,6 +199,12 @@ def complete_tokens(generator: Generator, tokenizer: Tokenizer, prompts: list[li
                 break
         completions += [cut_at_stop(tokenizer.decode(out), stops) for out in outputs]
     return completions
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's tokens, after BOS (unless the text, a rendered chat template say, brought its own)."""
+    ids = tokenizer.encode(text)
+    return ids if ids[:1] == [tokenizer.bos_id()] else [tokenizer.bos_id(), *ids]
 
 
 def check_stops(tokenizer: Tokenizer, stops) -> None:

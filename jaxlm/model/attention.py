@@ -44,12 +44,14 @@ def make_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
 
 
 def _masked_attention(q, k, v, allowed, seg_q, seg_k):
-    """Softmax attention of q (B, T, N, H) over k, v (B, S, K, H); `allowed` is a (T, S) position mask."""
+    """Softmax attention of q (B, T, N, H) over k, v (B, S, K, H); `allowed` is a (T, S) position mask, or
+    (B, T, S) when rows sit at different positions."""
     b, t, n, h = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)  # (B, T, K, G, H): query heads grouped by their KV head
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
-    mask = allowed[None] & (seg_q[:, :, None] == seg_k[:, None, :])  # (B, T, S)
+    allowed = allowed if allowed.ndim == 3 else allowed[None]
+    mask = allowed & (seg_q[:, :, None] == seg_k[:, None, :])  # (B, T, S)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
@@ -79,14 +81,26 @@ def xla_attention(q, k, v, segment_ids, sliding_window: int = 0, max_blocks: int
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def write_cache(cache_bskh, new_btkh, slot):
+    """Writes T new keys or values at cache slots slot..slot+T-1: `slot` is one int for every row, or (B,)
+    ints, one per row (a serving batch whose rows are at different lengths)."""
+    new_btkh = new_btkh.astype(cache_bskh.dtype)
+    if jnp.ndim(slot) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache_bskh, new_btkh, slot, axis=1)
+    write_row = lambda cache_skh, new_tkh, at: jax.lax.dynamic_update_slice_in_dim(cache_skh, new_tkh, at, axis=0)
+    return jax.vmap(write_row)(cache_bskh, new_btkh, slot)
+
+
 def cached_attention(q, k_cache, v_cache, slot, valid, sliding_window: int = 0):
-    """Queries at cache slots slot..slot+T-1 attend over the whole (B, S, K, H) cache.
+    """Queries at cache slots slot..slot+T-1 attend over the whole (B, S, K, H) cache; `slot` as in
+    `write_cache`.
 
     A key is visible if its slot holds a token (`valid`, (B, S)), is not after the query's slot, and (with a
-    window) is within the window. Prompts are left-padded, so slot distance equals position distance.
+    window) is within the window. Prompts are left-padded (or each row starts at slot 0), so slot distance
+    equals position distance.
     """
     t, s = q.shape[1], k_cache.shape[1]
-    q_slot = slot + jnp.arange(t)[:, None]
+    q_slot = jnp.expand_dims(slot, (-1, -2)) + jnp.arange(t)[:, None]  # (T, 1), or (B, T, 1) per row
     k_slot = jnp.arange(s)[None, :]
     allowed = k_slot <= q_slot
     if sliding_window:

@@ -44,7 +44,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
         """With `layer_cache` ({"k", "v"}: (B, S, K, H)) the new keys and values are written at slot
-        `decode["slot"]` and the queries attend over the whole cache (keys marked in `decode["valid"]`).
+        `decode["slot"]` (one for all rows, or one per row) and the queries attend over the whole cache (keys
+        marked in `decode["valid"]`).
         Returns (output, updated layer cache or None)."""
         c = self.config
         dt = compute_dtype(c)
@@ -82,9 +83,8 @@ class Attention(nn.Module):
                 q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
             )
         else:
-            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-                cache, new.astype(cache.dtype), decode["slot"], axis=1)
-            layer_cache = {"k": write(layer_cache["k"], k_btkh), "v": write(layer_cache["v"], v_btkh)}
+            layer_cache = {"k": attention.write_cache(layer_cache["k"], k_btkh, decode["slot"]),
+                           "v": attention.write_cache(layer_cache["v"], v_btkh, decode["slot"])}
             out_btnh = attention.cached_attention(
                 q_btnh, layer_cache["k"], layer_cache["v"], decode["slot"], decode["valid"], c.sliding_window
             )
@@ -146,7 +146,8 @@ class Transformer(nn.Module):
         (`jaxlm.training.losses.tiled_token_losses`).
 
         For decoding, `cache` holds every layer's keys and values ({"k", "v"}: (L, B, S, K, H), see
-        `jaxlm.inference.generate`) and `decode` says where to write ({"slot"}) and which slots hold tokens ({"valid"});
+        `jaxlm.inference.generate`; with unrolled layers it may be a list of L {"k", "v"} (B, S, K, H), which
+        each layer updates in place, where slicing and restacking would copy the whole cache every step) and `decode` says where to write ({"slot"}) and which slots hold tokens ({"valid"});
         the call then returns (logits, updated cache).
         """
         c = self.config
@@ -190,14 +191,14 @@ class Transformer(nn.Module):
             extra = () if cache is None else (cache, decode)
             x_btd, cache = layers(x_btd, positions_bt, segment_ids_bt, *extra)
         else:
-            per_layer = []
+            per_layer, listed = [], isinstance(cache, list)
             for i in range(c.num_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+                layer_cache = cache[i] if listed else None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
                 x_btd, layer_cache = block(c, self.impl, c.is_moe_layer(i), name=f"layers_{i}")(
                     x_btd, positions_bt, segment_ids_bt, layer_cache, decode)
                 per_layer.append(layer_cache)
             if cache is not None:
-                cache = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+                cache = per_layer if listed else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
         if shards > 1:
             x_btd = constrain(jnp.take(x_btd, context_parallel.inverse_order(zigzag), axis=1), BTD)
