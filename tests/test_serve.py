@@ -196,7 +196,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         "context of 512": {"json": {**good, "prompt": " ".join(["in"] * 600)}},
         "decode slots": {"json": {**good, "n": 9}},
         "missing required field 'prompt'": {"json": {"model": "run"}},
+        "no body": {},
         "'temperature'": {"json": {**good, "temperature": 3}},
+        "'prompt' is an empty list": {"json": {**good, "prompt": []}},
+        "token prompt": {"json": {**good, "prompt": [[5, 999]]}},
     }
     for expected, body in cases.items():
         status, message = error_of(httpx.post(url + "/completions", headers={**auth, **body.pop("headers", {})}, **body))

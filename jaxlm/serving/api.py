@@ -149,7 +149,10 @@ def _check_common(served: Served, body) -> None:
 
 def _prompt_list(prompt) -> list:
     """The prompts of a completions request: one string or token list, or a list of them."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+    if not prompt and not isinstance(prompt, str):
+        raise APIError(400, "'prompt' is an empty list; send a string, a list of token ids, or a list of those",
+                       param="prompt")
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
         return [prompt]
     return list(prompt)
 

@@ -117,5 +117,5 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if first.get("type") == "extra_forbidden":
         return f"unknown field '{field}'", field
     if first.get("type") == "missing":
-        return f"missing required field '{field}'", field
+        return (f"missing required field '{field}'" if field else "the request has no body; send a JSON object"), field
     return f"'{field}': {first['msg']}" if field else first["msg"], field
