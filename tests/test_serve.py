@@ -110,7 +110,12 @@ def test_32_concurrent_streams_give_the_tokens_of_sequential_generate(server, ru
 
 
 def test_requests_never_add_a_compiled_program(server):
+    """The programs compiled at start (decode widths 1, 2, 4, 8 and prefill buckets 16, 32) are all there is,
+    after the 32 streams above and after sampled and greedy requests."""
+    from jaxlm.serving.engine import powers_of_two, prefill_buckets
+
     before = server.metrics()["jaxlm_compiled_programs"]
+    assert before == len(powers_of_two(1, 8)) + len(prefill_buckets(32, CONTEXT)) == 6
     client = server.client()
     client.completions.create(model="run", prompt=prompts(1, 5)[0] * 2, max_tokens=5, temperature=0.7, extra_body={"top_k": 5},
                               top_p=0.9, seed=3)

@@ -57,14 +57,17 @@ def test_rows_at_different_lengths_decode_what_the_generator_decodes(model_param
 
 
 def test_a_rows_tokens_do_not_depend_on_the_other_rows(model_params):
-    """Greedy and sampled rows (their own seeds and filters) give the same tokens alone and in a full batch."""
+    """Greedy and sampled rows (their own seeds and filters) give the same tokens alone and in a full batch,
+    with no program compiled after start."""
     model, boxed = model_params
     engine = SlotEngine(model, nn.unbox(boxed), slots=4, prefill_chunk=16)
+    compiled = engine.compile()
     sampling = [Sampling(), Sampling(0.7, 0, 1.0, 5), Sampling(1.0, 20, 0.9, 11), Sampling()]
     crowd = run_engine(engine, PROMPTS, 10, sampling)
     for i in range(3):
         assert crowd[i] == run_engine(engine, [PROMPTS[i]], 10, [sampling[i]], rows=[i])[0], i
     assert crowd[1] != run_engine(engine, [PROMPTS[1]], 10, [Sampling(0.7, 0, 1.0, 6)], rows=[1])[0]  # the seed counts
+    assert engine.compiled_programs() == compiled == 3 + 1  # widths 1, 2, 4 and one bucket: nothing compiled since
 
 
 def test_sharded_engine_equals_one_device(model_params):

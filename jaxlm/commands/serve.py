@@ -91,8 +91,9 @@ def _load(args):
     template = chat.load(args.chat_template or "", model_dir=loaded.directory)
     engine = SlotEngine(loaded.model, loaded.params, config.max_batch, config.prefill_chunk, loaded.mesh)
     log = logging.getLogger("jaxlm.serve")
-    log.info("compiling the decode step and %d prefill buckets %s", len(engine.buckets), engine.buckets)
-    engine.compile()
+    log.info("compiling the decode step for %s busy rows and prefill for %s-token chunks", engine.decode_widths,
+             engine.buckets)
+    log.info("compiled %d programs", engine.compile())
     metrics = ServerMetrics()
     metrics.compiled.set_function(engine.compiled_programs)
     scheduler = Scheduler(engine, loaded.tokenizer.eos_id(), config.max_queue, metrics)

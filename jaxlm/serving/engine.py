@@ -1,5 +1,6 @@
-"""The device side of serving: a fixed number of decode slots over one preallocated KV cache, a jitted
-prefill of one prompt chunk into one slot, and one jitted decode step over every slot.
+"""The device side of serving: a fixed number of decode slots over one preallocated KV cache (a list of
+per-layer caches that the unrolled layers update in place), a jitted prefill of one prompt chunk into one
+slot, and a jitted decode step over the slots.
 
 Slot b is row b of the cache; a request's tokens sit at cache positions 0, 1, ... of its row, so its
 positions (RoPE) are its cache slots and rows at different lengths decode together. The decode step runs the
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,6 @@ import numpy as np
 from jaxlm.core.config import ConfigError
 from jaxlm.inference.generate import filter_logits, init_cache
 from jaxlm.model.transformer import unstack_layers
-
-log = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20  # alternatives reported per token at most (the OpenAI API's own limit)
 SMALLEST_BUCKET = 16
@@ -94,12 +92,17 @@ class SlotEngine:
         # by the next multiple past the context; the slot after that is where idle rows write.
         self.cache_len = -(-c.max_seq_len // self.buckets[-1]) * self.buckets[-1] + 1
         self.reset()
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        # The cache keeps the layout it was born with: left to XLA, a step's output could come back with another
+        # sharding than the one the next program was compiled for, and compile again mid-request.
+        keep = (jax.tree.map(lambda a: a.sharding, self.cache), None)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), out_shardings=keep)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), out_shardings=keep)
 
     def reset(self) -> None:
         """A fresh cache: at start, and after a failed step (which may have consumed the old one)."""
-        self.cache = init_cache(self.model.config, self.slots, self.cache_len, self.mesh, per_layer=True)
+        cache = init_cache(self.model.config, self.slots, self.cache_len, self.mesh, per_layer=True)
+        # Committed to its devices, like every later step's output: jit compiles apart for uncommitted arrays.
+        self.cache = jax.device_put(cache, jax.tree.map(lambda a: a.sharding, cache))
 
     def _apply(self, params, tokens, positions, cache, slot, valid):
         positions = jnp.minimum(positions, self.max_len - 1)  # padding past the context (learned positions)
