@@ -25,8 +25,8 @@ Write a run's decoder as float32 ONNX graphs (converted by jax2onnx; needs pip i
 
 Batch, sequence and cache lengths are free. OUT also gets each graph's weights (*.onnx.data), the run's
 tokenizer files and onnx_config.json (the inputs and outputs, the cache's dims, bos/eos ids).
-jaxlm.conversion.onnx_export.greedy(OUT, prompt_tokens, max_new_tokens) is the greedy loop in onnxruntime,
-and its docstring the loop to copy. Mixture-of-experts models cannot be exported.""")
+jaxlm.conversion.onnx_export.greedy(OUT, prompt_tokens, max_new_tokens) is the greedy loop in onnxruntime
+(numpy and onnxruntime only: its body is the loop to copy). Mixture-of-experts models cannot be exported.""")
     q.add_argument("run_dir", help="a run directory (from `jaxlm train` or `jaxlm convert from-hf`)")
     q.add_argument("out", help="the directory to create (must not exist or be empty)")
     q.add_argument("--step", type=STEP, help="checkpoint step to export (default: the latest)")

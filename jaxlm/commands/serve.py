@@ -99,5 +99,4 @@ def _load(args):
     scheduler = Scheduler(engine, loaded.tokenizer.eos_id(), config.max_queue, metrics)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "")
     name = args.model_name or os.path.basename(os.path.normpath(loaded.directory))
-    return Served(scheduler, loaded.tokenizer, template, name, loaded.config.model.max_seq_len, config.max_batch,
-                  loaded.config.model.vocab_size, metrics, api_key)
+    return Served(scheduler, loaded.tokenizer, template, name, api_key)

@@ -238,21 +238,9 @@ def describe(c: ModelConfig, run, tokenizer_file: str | None) -> dict:
 
 def greedy(session_dir: str, prompt_tokens: list[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding of one prompt on an exported directory with onnxruntime: up to `max_new_tokens`
-    tokens, ending before EOS. Only numpy and onnxruntime run; the core of the loop is::
-
-        step = onnxruntime.InferenceSession(f"{session_dir}/decoder_with_past.onnx")
-        cfg = json.load(open(f"{session_dir}/onnx_config.json"))
-        p, total = len(prompt_tokens), len(prompt_tokens) + max_new_tokens
-        cache = np.zeros((cfg["num_layers"], 1, total, cfg["num_kv_heads"], cfg["head_dim"]), np.float32)
-        feed = {"input_ids": np.array([prompt_tokens], np.int32), "position_ids": np.arange(p, dtype=np.int32)[None],
-                "past_key": cache, "past_value": cache, "slot": np.array(0, np.int32),
-                "valid": np.arange(total)[None] < p}   # the prompt fills slots 0..p-1
-        for slot in range(p, total):
-            logits, feed["past_key"], feed["past_value"] = step.run(None, feed)
-            token = int(logits[0, -1].argmax())     # stop here at cfg["eos_id"]
-            feed.update(input_ids=np.array([[token]], np.int32), position_ids=np.array([[slot]], np.int32),
-                        slot=np.array(slot, np.int32), valid=np.arange(total)[None] <= slot)
-    """
+    tokens, ending before EOS. Only numpy and onnxruntime run, so this function's body is the loop to copy
+    into a program without jaxlm: one call prefills the prompt into slots 0..p-1, then each call feeds the
+    last token at its slot."""
     import onnxruntime
 
     with open(os.path.join(session_dir, CONFIG)) as f:

@@ -37,11 +37,24 @@ class Served:
     tokenizer: Tokenizer
     template: Template
     model_name: str
-    context: int  # the model's context length, in tokens
-    slots: int
-    vocab_size: int
-    metrics: ServerMetrics
     api_key: str = ""
+
+    @property
+    def metrics(self) -> ServerMetrics:
+        return self.scheduler.metrics
+
+    @property
+    def slots(self) -> int:
+        return self.scheduler.engine.slots
+
+    @property
+    def context(self) -> int:
+        """The model's context length, in tokens."""
+        return self.scheduler.engine.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.engine.model.config.vocab_size
 
 
 @dataclasses.dataclass

@@ -129,7 +129,7 @@ class SlotEngine:
         cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, 0, axis=0), cache, rows)
         return cache, sample(logits[:, 0], *sampling)
 
-    def prefill(self, slot: int, start: int, chunk: list[int], sampling: Sampling, counter: int = 0) -> Sampled:
+    def prefill(self, slot: int, start: int, chunk: list[int], sampling: Sampling) -> Sampled:
         """Prefills `chunk` at positions start.. of row `slot`; `start` must be a multiple of the largest bucket
         (a padded chunk then fits the cache). Returns the token sampled after the chunk."""
         if start % self.buckets[-1]:
@@ -142,7 +142,7 @@ class SlotEngine:
         tokens[0, :len(chunk)] = chunk
         with self._on_mesh():
             self.cache, out = self._prefill(self.params, self.cache, tokens, np.int32(slot), np.int32(start),
-                                            np.int32(len(chunk)), _rows([sampling], [counter]))
+                                            np.int32(len(chunk)), _rows([sampling], [0]))  # a first token: index 0
         return _host(out)
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray, sampling: list[Sampling], counters) -> Sampled:
