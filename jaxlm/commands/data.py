@@ -35,6 +35,12 @@ def prepare_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("words", nargs="+", metavar="INPUT|field=value", help="input files or globs, and settings")
     p.add_argument("--out", required=True, help="output folder (created; a re-run with the same inputs resumes)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine (default); ray: tasks on a Ray cluster, with the same "
+                        "stages, settings and byte-identical output (pip install 'jaxlm[ray]')")
+    p.add_argument("--ray-address", default="", metavar="auto|HOST:PORT",
+                   help="the Ray cluster to join (auto: the one running here); without it --engine ray starts a "
+                        "local cluster with `workers` CPUs. The output folder must be visible to every node")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -75,7 +81,7 @@ def prepare(args) -> int:
     if not inputs:
         raise ConfigError("give input files or globs, e.g. jaxlm data prepare 'raw/*.jsonl' --out data/mine")
     manifest = preparer.prepare(inputs, args.out, preparer.parse_config([w for w in args.words if "=" in w]),
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, engine=args.engine, ray_address=args.ray_address)
     _print_skipped(manifest)
     print(f"{manifest['documents']:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards: "
           f"{args.out}/manifest.json\ntrain on it with: jaxlm train tiny data.prepared='{args.out}'")

@@ -45,10 +45,13 @@ def expand(patterns: tuple[str, ...] | list[str]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _lines(f: BinaryIO, limit: int, stats: FileStats) -> Iterator[bytes]:
-    """Lines of a binary file, skipping (and counting) those longer than `limit` bytes without ever holding
-    more than `limit` bytes of one in memory."""
+def _lines(f: BinaryIO, limit: int, stats: FileStats, end: float = float("inf")) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for the lines of a binary file that start before byte `end`, skipping (and counting)
+    those longer than `limit` bytes without ever holding more than `limit` bytes of one in memory."""
     while True:
+        offset = f.tell()
+        if offset >= end:
+            return
         line = f.readline(limit + 1)
         if not line:
             return
@@ -57,7 +60,21 @@ def _lines(f: BinaryIO, limit: int, stats: FileStats) -> Iterator[bytes]:
             while line and not line.endswith(b"\n"):
                 line = f.readline(limit + 1)
             continue
-        yield line
+        yield offset, line
+
+
+def _seek_line(f: BinaryIO, start: int) -> None:
+    """Moves to the first line that starts at or after byte `start`: a block boundary inside a line belongs
+    to the block that holds the line's start."""
+    if start <= 0:
+        return
+    f.seek(start - 1)
+    if f.read(1) == b"\n":
+        return
+    while True:
+        chunk = f.readline(1 << 20)
+        if not chunk or chunk.endswith(b"\n"):
+            return
 
 
 def _decode(data: bytes, stats: FileStats) -> str | None:
@@ -68,9 +85,11 @@ def _decode(data: bytes, stats: FileStats) -> str | None:
         return None
 
 
-def _jsonl(path: str, c: PrepareConfig, stats: FileStats) -> Iterator[str]:
+def _jsonl(path: str, c: PrepareConfig, stats: FileStats, start: int = 0, end: float = float("inf")) -> Iterator[tuple[int, str]]:
+    """(byte offset, text) of the records whose lines start in [start, end)."""
     with open(path, "rb") as f:
-        for line in _lines(f, 4 * c.max_doc_chars, stats):  # JSON escapes can take several bytes per char
+        _seek_line(f, start)
+        for offset, line in _lines(f, 4 * c.max_doc_chars, stats, end):  # JSON escapes can take several bytes per char
             if not line.strip():
                 continue
             text = _decode(line, stats)
@@ -85,14 +104,14 @@ def _jsonl(path: str, c: PrepareConfig, stats: FileStats) -> Iterator[str]:
             if not isinstance(value, str):
                 stats.missing_field += 1
                 continue
-            yield value
+            yield offset, value
 
 
 def _txt(path: str, c: PrepareConfig, stats: FileStats) -> Iterator[str]:
     """Documents are blank-line-separated blocks, single lines, or the whole file (`txt_documents`)."""
     block: list[str] = []
     with open(path, "rb") as f:
-        for raw in _lines(f, 4 * c.max_doc_chars, stats):
+        for _, raw in _lines(f, 4 * c.max_doc_chars, stats):
             line = _decode(raw, stats)
             if line is None:
                 continue
@@ -125,19 +144,34 @@ def _parquet(path: str, c: PrepareConfig, stats: FileStats) -> Iterator[str]:
             yield value
 
 
-def read(path: str, c: PrepareConfig, stats: FileStats) -> Iterator[str]:
-    """Documents of one file, counting everything skipped into `stats`. Never raises on bad content."""
+def splittable(path: str) -> bool:
+    """Whether `read_positioned` can read the file in byte ranges (one JSON record per line)."""
+    return path.endswith((".jsonl", ".json"))
+
+
+def read_positioned(path: str, c: PrepareConfig, stats: FileStats, start: int = 0,
+                    end: float = float("inf")) -> Iterator[tuple[int, str]]:
+    """(position, text) of one file's documents, counting everything skipped into `stats`; never raises on
+    bad content. The position orders documents within the file: the byte offset of a JSONL record (so a
+    byte range [start, end) of the file reads the records whose lines start in it), else the ordinal."""
     try:
-        stats.bytes = os.path.getsize(path)
-        if stats.bytes == 0:
-            stats.empty_file = True
-            return
-        reader = _parquet if path.endswith(".parquet") else _jsonl if path.endswith((".jsonl", ".json")) else _txt
-        for text in reader(path, c, stats):
+        if start == 0:
+            stats.bytes = os.path.getsize(path)
+            stats.empty_file = stats.bytes == 0
+        if splittable(path):
+            docs = _jsonl(path, c, stats, start, end)
+        else:
+            docs = enumerate((_parquet if path.endswith(".parquet") else _txt)(path, c, stats))
+        for position, text in docs:
             if len(text) > c.max_doc_chars:
                 stats.huge += 1
                 continue
             stats.docs += 1
-            yield text
+            yield position, text
     except Exception as e:  # noqa: BLE001 - an unreadable file (I/O error, corrupt Parquet) is reported, not fatal
         stats.error = f"{type(e).__name__}: {e}"
+
+
+def read(path: str, c: PrepareConfig, stats: FileStats) -> Iterator[str]:
+    """Documents of one file, counting everything skipped into `stats`. Never raises on bad content."""
+    return (text for _, text in read_positioned(path, c, stats))
