@@ -466,9 +466,8 @@ def test_a_run_killed_mid_stage_redoes_only_unfinished_blocks_and_stages(tmp_pat
     for name in os.listdir(blocks):
         if ".kept." in name:
             os.remove(os.path.join(blocks, name))
-    for name in ["manifest.json", "exact_dropped.npy", "near_dropped.npy.json", *shard_bytes]:
-        os.remove(os.path.join(out, name) if name in shard_bytes or name == "manifest.json"
-                  else os.path.join(out, "work", name))
+    for name in ["manifest.json", *shard_bytes, "work/exact_dropped.npy", "work/near_dropped.npy.json"]:
+        os.remove(os.path.join(out, name))
     open(os.path.join(blocks, "00001.jsonl.tmp.999"), "w").write("partial")
     before = {n: os.path.getmtime(os.path.join(blocks, n)) for n in os.listdir(blocks) if not n.startswith("00001")}
     m2 = prepare.prepare([f"{raw}/en.jsonl", f"{raw}/zh.txt"], out, c, progress=False)

@@ -238,13 +238,14 @@ def _shards(ex, out: str, work: str, kept: list[dict], c: PrepareConfig, tok_pat
 
 
 def shard_texts(out: str, index: int) -> list[str]:
-    """The text of shard `index`'s documents, as they were tokenized (for checks and inspection)."""
+    """The text of a prepared folder's shard `index`, as it was tokenized (for checks and inspection)."""
     work = os.path.join(out, WORK)
-    counts = [len(np.load(os.path.join(work, "blocks", f))) for f in sorted(os.listdir(os.path.join(work, "blocks")))
-              if f.endswith(".kept.npy")]
-    manifest = _read_json(os.path.join(out, MANIFEST)) or {}
-    per_shard = manifest.get("config", {}).get("docs_per_shard") or max(counts)
-    return stages.kept_texts(work, shard_pieces(counts, per_shard)[index])
+    manifest = _read_json(os.path.join(out, MANIFEST))
+    if manifest is None:
+        raise ConfigError(f"{out} has no manifest.json: the preparation did not finish")
+    plan = _read_json(os.path.join(work, "plan.json"))
+    counts = [len(np.load(stages.block_file(work, b["index"], ".kept.npy"))) for b in plan]
+    return stages.kept_texts(work, shard_pieces(counts, manifest["config"]["docs_per_shard"])[index])
 
 
 # ---- stats ------------------------------------------------------------------------------------------
