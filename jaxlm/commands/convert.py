@@ -43,13 +43,20 @@ def from_hf(args) -> int:
     config = hf_runs.from_hf(args.hf_dir, args.out, overrides.load(args.config) if args.config else None)
     m = config.model
     print(f"imported {args.hf_dir}: {m.num_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}")
-    print(f"run directory: {config.train.run_dir}  (jaxlm generate {args.out}; jaxlm convert to-hf {args.out} DIR)")
+    use = "" if m.num_labels else f"jaxlm generate {args.out}; "  # a reward model scores, it does not generate
+    print(f"run directory: {config.train.run_dir}  ({use}jaxlm convert to-hf {args.out} DIR)")
     return 0
 
 
 def to_hf(args) -> int:
     from jaxlm.conversion import hf_runs
 
+    import json
+    import os
+
     out = hf_runs.to_hf(args.run_dir, args.out, args.dtype, args.step, int(args.max_shard_gb * (1 << 30)))
-    print(f"Hugging Face checkpoint: {out}  (transformers.AutoModelForCausalLM.from_pretrained({out!r}))")
+    with open(os.path.join(out, "config.json")) as f:
+        classifier = any(a.endswith("ForSequenceClassification") for a in json.load(f).get("architectures") or [])
+    auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    print(f"Hugging Face checkpoint: {out}  (transformers.{auto}.from_pretrained({out!r}))")
     return 0

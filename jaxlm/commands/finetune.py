@@ -1,4 +1,4 @@
-"""`jaxlm finetune`: SFT or DPO, full or LoRA/QLoRA."""
+"""`jaxlm finetune`: SFT, DPO or a reward model, full or LoRA/QLoRA."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from jaxlm.commands.args import CONFIG_HELP
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "finetune", help="SFT or DPO, full or LoRA/QLoRA",
+        "finetune", help="SFT, DPO or a reward model, full or LoRA/QLoRA",
         description="Finetune a model: task=sft (default) on chat JSONL ({\"messages\": [...]} or\n"
-                    "{\"prompt\", \"response\"}), loss on assistant tokens only; or task=dpo on\n"
-                    "{\"prompt\", \"chosen\", \"rejected\"} JSONL. model.init_from: a jaxlm run directory, hf:DIR,\n"
-                    "RUN/adapters or a PEFT adapter directory (LoRA adapters to continue, on their base), BASE+ADAPTERS,\n"
+                    "{\"prompt\", \"response\"}), loss on assistant tokens only; task=dpo on\n"
+                    "{\"prompt\", \"chosen\", \"rejected\"} JSONL; or task=reward (model.num_labels=1, preset\n"
+                    "reward_tiny) on the same pairs: a scalar head trained with the Bradley-Terry loss.\n"
+                    "model.init_from: a jaxlm run directory, hf:DIR,\nRUN/adapters or a PEFT adapter directory (LoRA adapters to continue, on their base), BASE+ADAPTERS,\n"
                     "or empty for random weights. finetune.data: a JSONL file, chatterbot:english or\n"
                     "chatterbot:chinese. lora.targets (path regexes such as 'attn/(q|v)$') switch to LoRA,\n"
                     "lora.quantize=int8|nf4 to QLoRA.\n\nExample: jaxlm finetune sft_tiny model.init_from=runs/tiny\n\n"
@@ -42,7 +43,7 @@ def run(args) -> int:
 
 
 def run_config(config) -> int:
-    """Finetunes (task=sft|dpo) and reports: `jaxlm finetune`, and `jaxlm train` given a finetuning config."""
+    """Finetunes (task=sft|dpo|reward) and reports: `jaxlm finetune`, and `jaxlm train` given a finetuning config."""
     from jaxlm.training import finetune as finetuner
 
     summaries.print_finetune(finetuner.finetune(config))

@@ -25,7 +25,7 @@ def run(args) -> int:
     from jaxlm.evaluation import quantization, runner
     from jaxlm.inference.load import load_run
 
-    loaded = load_run(args.run_dir, args.step)
+    loaded = load_run(args.run_dir, args.step, language_model=False)
     texts = runner.heldout_texts(loaded.config)[: args.limit]
     rows = quantization.report(loaded.model, loaded.params, loaded.tokenizer, texts,
                                tuple(args.format or ("int8", "int4")), args.block_size)

@@ -31,15 +31,20 @@ def print_finetune(s) -> None:
     m = s.metrics
     if "loss" in m:
         line = f"  final train loss {m['loss']:.4f}"
+        accuracy = "reward_accuracy" if "reward_accuracy" in m else "accuracy"  # DPO's implied reward, or a reward model's
         if "margin" in m:
-            line += f", margin {m['margin']:.4f}, reward accuracy {m['reward_accuracy']:.2f}"
+            line += f", margin {m['margin']:.4f}, {accuracy.replace('_', ' ')} {m[accuracy]:.2f}"
         if "eval/loss" in m:
             before = f"{s.eval_before['loss']:.4f} -> " if "loss" in s.eval_before else ""
             line += f"; eval loss {before}{m['eval/loss']:.4f}"
+        if f"eval/{accuracy}" in m and accuracy == "accuracy":
+            before = f"{s.eval_before['accuracy']:.2f} -> " if "accuracy" in s.eval_before else ""
+            line += f", held-out pair accuracy {before}{m['eval/accuracy']:.2f}"
         print(line)
     print(f"  base params: {s.base_mib:.1f} MiB")
     if s.adapters:
         print(f"  LoRA adapters: {s.adapters}  (jaxlm peft export RUN OUT writes them for peft)")
     if s.merged:
-        print(f"  merged model: {s.merged}  (jaxlm generate {s.run_dir}; jaxlm convert to-hf {s.run_dir} DIR)")
+        use = "" if s.scores else f"jaxlm generate {s.run_dir}; "
+        print(f"  merged model: {s.merged}  ({use}jaxlm convert to-hf {s.run_dir} DIR)")
 

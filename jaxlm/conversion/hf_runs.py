@@ -31,6 +31,9 @@ def from_hf(hf_dir: str, out: str, base: Config | None = None) -> Config:
     hf_dir, out = os.path.abspath(os.path.expanduser(hf_dir)), os.path.abspath(os.path.expanduser(out))
     base = base or Config()
     model = families.model_config(importer.read_config(hf_dir), base.model)
+    if model.num_labels > 1:  # before the run directory exists
+        raise ConfigError(f"{hf_dir} is a sequence classifier with {model.num_labels} labels, which no jaxlm task "
+                          f"trains or runs (task=reward trains a 1-label reward model)")
     with atomic.new_directory(out) as tmp:
         config = _write_run(hf_dir, out, tmp, base, model)
     return config
@@ -41,8 +44,11 @@ def _write_run(hf_dir: str, out: str, tmp: str, base: Config, model) -> Config:
     if tok_file is None:
         log.warning("%s has no %s: copy the model's tokenizer into %s before generating from or exporting it",
                     hf_dir, " or ".join(rundir.TOKENIZER_FILES), out)
+    # A reward model (num_labels=1) is a run of task=reward, which validation requires; pretrain, the
+    # default, could not train its score head anyway. A task the caller chose stays (and fails validation).
+    task = "reward" if model.num_labels == 1 and base.task == "pretrain" else base.task
     config = dataclasses.replace(
-        base, name=base.name if base.name != "run" else os.path.basename(out), model=model,
+        base, name=base.name if base.name != "run" else os.path.basename(out), model=model, task=task,
         train=dataclasses.replace(base.train, run_dir=out, seq_len=min(base.train.seq_len, model.max_seq_len)),
         data=dataclasses.replace(base.data, tokenizer=os.path.join(out, tok_file) if tok_file else base.data.tokenizer),
         checkpoint=dataclasses.replace(base.checkpoint, dir=""),
@@ -75,17 +81,18 @@ def to_hf(run_dir: str, out: str, dtype: str = "float32", step: int | None = Non
     run_dir, out = os.path.abspath(os.path.expanduser(run_dir)), os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and os.listdir(out):  # before the checkpoint is read
         raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
-    run = load_run(run_dir, step)
+    run = load_run(run_dir, step, language_model=False)
     c = run.config.model
     template = None
     if os.path.isfile(os.path.join(run_dir, rundir.HF_CONFIG)):
         with open(os.path.join(run_dir, rundir.HF_CONFIG)) as f:
             template = json.load(f)
-    config = families.hf_config(c, template, dtype)
     tok = run.tokenizer
-    if template is None:  # a run pretrained by jaxlm: its tokenizer's special tokens
-        config.update(bos_token_id=tok.bos_id(), eos_token_id=tok.eos_id(),
-                      pad_token_id=tok.pad_id() if tok.pad_id() >= 0 else None)
+    # The tokenizer's special tokens: all of a run pretrained by jaxlm (no template), and a classifier's pad id
+    # where its template names none.
+    tokens = dict(bos_token_id=tok.bos_id(), eos_token_id=tok.eos_id(),
+                  pad_token_id=tok.pad_id() if tok.pad_id() >= 0 else None)
+    config = families.hf_config(c, template, dtype, tokens)
     with atomic.new_directory(out) as tmp:
         exporter.write_checkpoint(run.params, c, tmp, dtype, max_shard_bytes)
         atomic.write_json(os.path.join(tmp, "config.json"), config)

@@ -127,6 +127,9 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     tie_embeddings: bool = False
+    # 0: a language model (the vocabulary head). N > 0: a sequence classifier whose head `score` (N, D) reads
+    # each position's hidden state, as Hugging Face's *ForSequenceClassification; 1 is a reward model.
+    num_labels: int = ranged(0, ge=0)
     sliding_window: int = ranged(0, ge=0)  # 0 means full causal attention
     init_std: float = ranged(0.02, gt=0)
     scan_layers: bool = True
@@ -423,7 +426,7 @@ class Config:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
-    task: Literal["pretrain", "sft", "dpo"] = "pretrain"  # sft and dpo run `jaxlm finetune`
+    task: Literal["pretrain", "sft", "dpo", "reward"] = "pretrain"  # sft, dpo and reward run `jaxlm finetune`
     lora: LoraConfig = LoraConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     distributed: DistributedConfig = DistributedConfig()
@@ -454,6 +457,10 @@ def validate(config: Config) -> Config:
     if t.batch_size % o.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
     check_moe(m, config.mesh)
+    if (config.task == "reward") != (m.num_labels == 1) or m.num_labels > 1:
+        raise ConfigError(f"task={config.task} with model.num_labels={m.num_labels}: a reward model (task=reward) "
+                          "has model.num_labels=1, and only a reward model has a score head (no task trains "
+                          "a classifier of more labels)")
     lo = config.lora
     if lo.quantize != "none" and not lo.targets:
         raise ConfigError(f"lora.quantize={lo.quantize} needs LoRA targets (a quantized base cannot be trained); "

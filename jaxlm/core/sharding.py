@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", "stage"),  # pipeline stages hold contiguous runs of the scanned layers
     ("norm", None),
+    ("labels", None),  # a classifier's few outputs: replicated
     ("expert", "expert"),
     # Activations.
     ("activation_batch", ("data", "fsdp", "expert")),

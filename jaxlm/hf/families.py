@@ -31,6 +31,16 @@ ARCHITECTURES = {
 }
 FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+# Sequence classifiers (reward models): the dense decoder of a family with a `score` head (num_labels, hidden)
+# in place of lm_head, stored as `score.weight` beside the decoder's `model.*` tensors.
+CLASSIFIERS = {
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
+}
+FAMILY_CLASSIFIER = {family: arch for arch, family in CLASSIFIERS.items()}
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 # Tensors some checkpoints carry that hold no weights: attention-mask buffers and cached RoPE frequencies.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -70,12 +80,30 @@ def layer_maps(c: ModelConfig, maps: list[TensorMap], layer: int) -> list[Tensor
 
 
 def family_of(hf_config: dict) -> str:
+    return _architecture(hf_config)[0]
+
+
+def num_labels(hf_config: dict) -> int:
+    """The jaxlm model.num_labels of a Hugging Face config: 0 for a language model; a classifier's label count,
+    which transformers writes as id2label (and leaves out at its default of 2; older writers say num_labels)."""
+    if not _architecture(hf_config)[1]:
+        return 0
+    return len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 2))
+
+
+def _architecture(hf_config: dict) -> tuple[str, bool]:
+    """(family, whether a sequence classifier) of the config's architecture."""
     archs = hf_config.get("architectures") or []
     for arch in archs:
         if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
+            return ARCHITECTURES[arch], False
+        if arch in CLASSIFIERS:
+            return CLASSIFIERS[arch], True
+    if any(str(a).endswith(CLASSIFIER_SUFFIX) for a in archs):
+        raise ConfigError(f"config.json architectures={archs} is not supported; jaxlm imports the sequence "
+                          f"classifiers {', '.join(CLASSIFIERS)}")
     raise ConfigError(
-        f"config.json architectures={archs} is not supported; jaxlm imports {', '.join(ARCHITECTURES)}"
+        f"config.json architectures={archs} is not supported; jaxlm imports {', '.join([*ARCHITECTURES, *CLASSIFIERS])}"
     )
 
 
@@ -111,7 +139,10 @@ def model_config(hf: dict, base: ModelConfig = ModelConfig(), platform: str | No
         model = _model_config(hf, base, family)
     except KeyError as e:
         raise ConfigError(f"config.json has no {e.args[0]!r} field, which a {family} config needs") from None
-    return dataclasses.replace(model, dtype=compute_dtype(hf, base, platform))
+    labels = num_labels(hf)
+    if labels < 1 and _architecture(hf)[1]:
+        raise ConfigError(f"config.json num_labels={labels} is not supported (a sequence classifier without labels)")
+    return dataclasses.replace(model, num_labels=labels, dtype=compute_dtype(hf, base, platform))
 
 
 # Checkpoint dtypes -> the compute dtype jaxlm uses for them on an accelerator. float16 has no jaxlm compute
@@ -253,6 +284,11 @@ def _moe_layout(hf: dict, num_layers: int) -> dict:
 
 def family_for(c: ModelConfig) -> str:
     """The Hugging Face family a jaxlm model exports as."""
+    if c.num_labels and (c.architecture == "gpt2" or c.num_experts):
+        # Hugging Face has such classifiers, but jaxlm maps only the dense LLaMA-style ones (CLASSIFIERS).
+        raise ConfigError(f"a {'GPT-2' if c.architecture == 'gpt2' else 'mixture-of-experts'} model with "
+                          f"model.num_labels={c.num_labels} has no supported Hugging Face classifier; jaxlm "
+                          f"exports the sequence classifiers {', '.join(CLASSIFIERS)}")
     if c.architecture == "gpt2":
         if c.num_experts:
             raise ConfigError("a GPT-2 model with experts has no Hugging Face family; it cannot be exported")
@@ -297,9 +333,13 @@ def _moe_family(c: ModelConfig) -> str:
     return family
 
 
-def hf_config(c: ModelConfig, template: dict | None, dtype: str) -> dict:
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_config(c: ModelConfig, template: dict | None, dtype: str, tokens: dict | None = None) -> dict:
     """A Hugging Face config.json for `c`. `template` (the imported checkpoint's config) keeps its other
-    fields, such as token ids."""
+    fields, such as token ids. `tokens` (TOKEN_IDS of the run's tokenizer, None where it has none) gives the
+    token ids of a config without a template, and a classifier's pad id where the template names none."""
     family = family_for(c)
     out = dict(template or {})
     if out:
@@ -307,9 +347,14 @@ def hf_config(c: ModelConfig, template: dict | None, dtype: str) -> dict:
         if source == "mistral" and family == "llama":
             family = "mistral"  # a Mistral without a sliding window looks like LLaMA but stays Mistral
         elif source != family:
-            out = {k: out[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in out}
-    out.update(architectures=[FAMILY_ARCHITECTURE[family]], model_type=family, vocab_size=c.vocab_size,
+            out = {k: out[k] for k in TOKEN_IDS if k in out}
+    else:
+        out = {k: v for k, v in (tokens or {}).items() if k in TOKEN_IDS}
+    arch = FAMILY_CLASSIFIER[family] if c.num_labels else FAMILY_ARCHITECTURE[family]
+    out.update(architectures=[arch], model_type=family, vocab_size=c.vocab_size,
                tie_word_embeddings=c.tie_embeddings, dtype=dtype)
+    if c.num_labels:
+        _classifier_fields(out, c, tokens)
     out.pop("torch_dtype", None)
     if family == "gpt2":
         out.update(n_embd=c.d_model, n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.mlp_dim,
@@ -356,10 +401,29 @@ def hf_config(c: ModelConfig, template: dict | None, dtype: str) -> dict:
     return out
 
 
+def _classifier_fields(out: dict, c: ModelConfig, tokens: dict | None) -> None:
+    """A classifier's labels (transformers' id2label/label2id, the template's names where they fit) and pad
+    id, which its pooling needs to find each row's last token in a batch: the template's, else the
+    tokenizer's pad, else eos, else 0."""
+    n = c.num_labels
+    names = {int(k): str(v) for k, v in (out.get("id2label") or {}).items()}
+    if sorted(names) != list(range(n)) or len(set(names.values())) != n:
+        names = {i: f"LABEL_{i}" for i in range(n)}
+    out.pop("num_labels", None)  # older writers' spelling; id2label says it
+    out.update(id2label={str(i): names[i] for i in range(n)}, label2id={names[i]: i for i in range(n)})
+    if out.get("pad_token_id") is None:
+        eos = out.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos  # LLaMA-3 names several
+        pad = next((t for t in ((tokens or {}).get("pad_token_id"), eos) if isinstance(t, int) and t >= 0), 0)
+        out["pad_token_id"] = pad
+
+
 def tensor_maps(c: ModelConfig, fused_experts: bool = False) -> tuple[list[TensorMap], list[TensorMap]]:
     """(top-level maps, per-layer maps) for the model `c`; `layer_maps` picks a layer's. The experts of an
     MoE model are the hub's one tensor per expert, or with `fused_experts` the stacked tensors transformers 5
     holds in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which some writers save."""
+    if c.num_labels:
+        family_for(c)  # a classifier Hugging Face has no layout for is an error, not a made-up one
     return _gpt2_maps(c) if c.architecture == "gpt2" else _llama_maps(c, fused_experts)
 
 
@@ -369,7 +433,9 @@ def _llama_maps(c: ModelConfig, fused_experts: bool = False):
         TensorMap("model.embed_tokens.weight", ("embed", "embedding"), (v, d), (v, d), (0, 1)),
         TensorMap("model.norm.weight", ("final_norm", "scale"), (d,), (d,), (0,)),
     ]
-    if not c.tie_embeddings:
+    if c.num_labels:  # a classifier's head, nn.Linear(hidden, num_labels): label-major like jaxlm's
+        top.append(TensorMap("score.weight", ("score",), (c.num_labels, d), (c.num_labels, d), (0, 1)))
+    elif not c.tie_embeddings:
         top.append(TensorMap("lm_head.weight", ("lm_head",), (v, d), (v, d), (0, 1)))
     p = "model.layers.{i}."
     layer = [

@@ -117,7 +117,8 @@ def check(ckpt: SafetensorsDir, c: ModelConfig, maps: tuple[list[TensorMap], lis
     missing = sorted(set(expected) - present)
     misshaped = [f"{n} {list(ckpt.shape(n))} (expected {list(s)})" for n, s in expected.items()
                  if n in present and ckpt.shape(n) != s]
-    ignored = {"lm_head.weight"} if c.tie_embeddings else set()  # some writers keep the tied copy
+    # Some writers keep the tied copy; a classifier has no vocabulary head to tie.
+    ignored = {"lm_head.weight"} if c.tie_embeddings and not c.num_labels else set()
     unexpected = sorted(n for n in present - set(expected) - ignored if not n.endswith(families.IGNORED_SUFFIXES))
     problems = []
     if missing:

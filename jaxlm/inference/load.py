@@ -28,14 +28,19 @@ class LoadedRun:
 
 
 def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
-             block_size: int = 128) -> LoadedRun:
+             block_size: int = 128, language_model: bool = True) -> LoadedRun:
     """Loads the params of `step` (default: the latest), optionally weight-only quantized
-    (`jaxlm.model.quantize` formats int8, int4, nf4)."""
+    (`jaxlm.model.quantize` formats int8, int4, nf4). With `language_model`, a classifier run (a reward
+    model) is a one-line error: it has no vocabulary head to generate or score text with."""
     run_dir = os.path.abspath(os.path.expanduser(run_dir))
     config_path = os.path.join(run_dir, rundir.CONFIG)
     if not os.path.isfile(config_path):
         raise ConfigError(f"{run_dir} is not a jaxlm run directory (no config.json); pass the directory `jaxlm train` printed")
     config = overrides.load([config_path])
+    if language_model and config.model.num_labels:
+        raise ConfigError(f"{run_dir} is a {'reward model' if config.model.num_labels == 1 else 'classifier'} "
+                          f"(model.num_labels={config.model.num_labels}): it scores text and has no vocabulary head "
+                          "to generate or evaluate with; export it with jaxlm convert to-hf")
     tokenizer = tokenizer_lib.load_for_run(run_dir)  # tokenizer.json (imported models) or tokenizer.model
     if tokenizer.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size()} pieces but the model has "

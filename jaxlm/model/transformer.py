@@ -139,7 +139,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, decode=None,
                  hidden: bool = False):
-        """Returns float32 logits (B, T, V). Segment ids separate packed documents; 0 marks padding.
+        """Returns float32 logits (B, T, V) (a classifier's: (B, T, num_labels)). Segment ids separate packed
+        documents; 0 marks padding.
 
         With `hidden`, returns instead the final (normed) hidden states (B, T, D) and the output head (V, D),
         both in the compute dtype, for a loss that forms the logits a piece at a time
@@ -203,7 +204,20 @@ class Transformer(nn.Module):
         if shards > 1:
             x_btd = constrain(jnp.take(x_btd, context_parallel.inverse_order(zigzag), axis=1), BTD)
         x_btd = norm(c, "final_norm")(x_btd)
-        if c.tie_embeddings:
+        head_vd = self._head(embed)
+        if hidden:
+            return x_btd, head_vd.astype(dt)
+        logits_btv = dense(x_btd, head_vd.T.astype(dt))
+        logits_btv = constrain(logits_btv.astype(jnp.float32), BTV)
+        return logits_btv if cache is None else (logits_btv, cache)
+
+
+    def _head(self, embed: nn.Embed):
+        """The output head (V, D): the vocabulary's, or a classifier's (num_labels, D)."""
+        c = self.config
+        if c.num_labels:  # a sequence classifier: label-major like the vocabulary head, read at every position
+            head_vd = weight(self, "score", (c.num_labels, c.d_model), ("labels", "embed"), c)
+        elif c.tie_embeddings:
             head_vd = embed.embedding
         else:
             # Vocab-major like the embedding (and Hugging Face's lm_head): XLA:CPU computes this layout's
@@ -211,12 +225,7 @@ class Transformer(nn.Module):
             head_vd = weight(self, "lm_head", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
         if isinstance(head_vd, LowRank):  # an adapted head: merged once, (V, D) like the plain weight
             head_vd = head_vd.w + dense(head_vd.a, head_vd.b)
-        if hidden:
-            return x_btd, head_vd.astype(dt)
-        logits_btv = dense(x_btd, head_vd.T.astype(dt))
-        logits_btv = constrain(logits_btv.astype(jnp.float32), BTV)
-        return logits_btv if cache is None else (logits_btv, cache)
-
+        return head_vd
 
     def _pipeline_on(self, cache, batch: int):
         """(mesh, micro-batches) when the layers run as a pipeline: stages > 1, training or scoring (not

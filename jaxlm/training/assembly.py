@@ -8,7 +8,7 @@ loads for inference.
     compiled = compile_step(...)          the one step factory, bound to the run's objective
     result = run_loop(...)                the one loop, with the hooks every run registers
 
-Pretraining, SFT and DPO, fully or through LoRA/QLoRA, differ only in the objective (`OBJECTIVES`), the
+Pretraining, SFT, DPO and reward models, fully or through LoRA/QLoRA, differ only in the objective (`OBJECTIVES`), the
 trainable subset, and where the starting weights come from.
 """
 
@@ -160,12 +160,18 @@ def _dpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Object
     return dpo.objective(apply_fn, config.finetune.beta, dropout, config.train.loss_chunks)
 
 
+def _reward(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
+    from jaxlm.training import reward
+
+    return reward.objective(apply_fn, dropout)
+
+
 def _next_token(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
     return objectives.next_token(apply_fn, config.optim.z_loss, dropout, config.train.loss_chunks)
 
 
 # task -> objective(config, apply_fn, dropout). A new training mode is a new entry here, not a new step.
-OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo}
+OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo, "reward": _reward}
 
 
 def step_function(spec: ModelSpec, objective_: objectives.Objective):

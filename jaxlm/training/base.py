@@ -22,7 +22,7 @@ import numpy as np
 from jaxlm.core import atomic, overrides, rundir, sharded_init
 from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
 from jaxlm.core.sharding import path_str, tree_shardings
-from jaxlm.hf import importer, peft, tokenizer as hf_tokenizer
+from jaxlm.hf import families, importer, peft, tokenizer as hf_tokenizer
 from jaxlm.model import attention, lora as lora_lib
 from jaxlm.model.transformer import Transformer
 from jaxlm.training.checkpoint import Checkpointer
@@ -110,10 +110,16 @@ def resolve(config: Config) -> Config:
                           f"lora.targets; set them (and lora.rank) as the adapters were trained")
     if not start.base:
         return config
+    # The run chooses its head (a reward model starts from a language model): `load_params` swaps it.
+    head = {"num_labels": config.model.num_labels}
     if is_hf(start.base):
-        return importer.resolve_init_from(config, directory(start.base))
+        # Resolved as the base's own task (its head decides which), then given this run's task and head.
+        as_base = dataclasses.replace(config, task="reward" if _base_labels(start.base) == 1 else "pretrain")
+        resolved = importer.resolve_init_from(as_base, directory(start.base))
+        return validate(dataclasses.replace(resolved, task=config.task,
+                                            model=dataclasses.replace(resolved.model, **head)))
     run = directory(start.base)
-    model = dataclasses.replace(_run_config(run).model, **{k: getattr(config.model, k) for k in COMPUTE})
+    model = dataclasses.replace(_run_config(run).model, **{k: getattr(config.model, k) for k in COMPUTE}, **head)
     data = config.data
     if not data.tokenizer:
         names = [n for n in rundir.TOKENIZER_FILES if os.path.isfile(os.path.join(run, n))]
@@ -122,15 +128,40 @@ def resolve(config: Config) -> Config:
     return validate(dataclasses.replace(config, model=model, data=data))
 
 
+def _base_labels(ref: str) -> int:
+    """The base's model.num_labels: 0 for a language model."""
+    if not is_hf(ref):
+        return _run_config(directory(ref)).model.num_labels
+    return families.num_labels(importer.read_config(directory(ref)))
+
+
 def load_params(config: Config, model, mesh, progress: bool = True):
     """The base's params on `mesh`, each array born on its shards; None for random weights."""
     ref = parse(config.model.init_from).base
     if not ref:
         return None
+    labels = _base_labels(ref)
+    base_model = dataclasses.replace(config.model, init_from="", num_labels=labels)
     if is_hf(ref):
-        return importer.load_params(directory(ref), dataclasses.replace(config.model, init_from=""), mesh,
-                                    progress=progress)
-    return run_params(directory(ref), model, mesh)
+        params = importer.load_params(directory(ref), base_model, mesh, progress=progress)
+    else:
+        params = run_params(directory(ref), model if labels == config.model.num_labels else Transformer(base_model), mesh)
+    return params if labels == config.model.num_labels else new_head(params, model, mesh, config.train.seed)
+
+
+def new_head(params: dict, model, mesh, seed: int) -> dict:
+    """`params` of a base with another head (a language model's vocabulary head, or another classifier's)
+    with `model`'s head instead: the base's dropped, a `score` head drawn N(0, init_std) on its shards."""
+    params = {k: v for k, v in params.items() if k not in ("lm_head", "score")}
+    if not model.config.num_labels:
+        raise ConfigError("a classifier base cannot become a language model: its vocabulary head is gone; "
+                          "start from a language model")
+    boxed = sharded_init.boxed_params(model)
+    sharding = tree_shardings(boxed, mesh)["score"]
+    shape = sharded_init.strip_boxes(boxed)["score"]
+    init = jax.jit(lambda key: model.config.init_std * jax.random.normal(key, shape.shape, shape.dtype),
+                   out_shardings=sharding)
+    return {**params, "score": init(jax.random.fold_in(jax.random.key(seed), 0x5C0E))}
 
 
 def run_model(ref: str, mesh) -> tuple[Transformer, dict]:

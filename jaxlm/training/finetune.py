@@ -1,4 +1,4 @@
-"""`jaxlm finetune`: SFT or DPO of a base model, fully or through LoRA / QLoRA, top to bottom.
+"""`jaxlm finetune`: SFT, DPO or a reward model from a base model, fully or through LoRA / QLoRA, top to bottom.
 
 config -> the base's shape -> run directory check -> multi-host setup -> mesh -> tokenizer and chat template
 -> data (bad rows counted, packed first-fit) -> the one run assembly (base params, adapters, optimizer with
@@ -29,7 +29,7 @@ from jaxlm.core.overrides import to_dict
 from jaxlm.core.sharding import global_batch
 from jaxlm.data import chat, packing, pipeline, tokenizer as tokenizer_lib
 from jaxlm.model import lora as lora_lib
-from jaxlm.training import assembly, base, dpo, sft
+from jaxlm.training import assembly, base, dpo, reward, sft
 from jaxlm.training.checkpoint import save_params
 from jaxlm.training.evaluate import Evaluator
 from jaxlm.training.loop import LoopResult
@@ -46,6 +46,7 @@ class FinetuneSummary(RunSummary):
     adapters: str | None = None  # <run>/adapters, for LoRA runs
     merged: str | None = None  # the model checkpoint generate and export read
     eval_before: dict = dataclasses.field(default_factory=dict)
+    scores: bool = False  # a reward model: it scores text rather than generating it
 
 
 def chatterbot_rows(language: str) -> list[tuple[str, dict]]:
@@ -94,6 +95,10 @@ def load_tokenizer(config: Config):
                              config.data.cache_dir)
 
 
+# Tasks trained on preference pairs (prompt, chosen, rejected): their row builders.
+PAIRS = {"dpo": dpo.build_rows, "reward": reward.build_rows}
+
+
 def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int):
     """(train rows, eval rows or None, report): arrays with a leading row axis, for the grain iterator."""
     rows = read_rows(config)
@@ -101,9 +106,9 @@ def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int)
     rows = [rows[i] for i in order]
     report = sft.Report()
     encode = lambda text: list(tokenizer.encode(text))
-    if config.task == "dpo":
-        data = dpo.build_rows(rows, template, encode, seq_len, report)
-        n = len(data["ref_chosen"])
+    if config.task in PAIRS:
+        data = PAIRS[config.task](rows, template, encode, seq_len, report)
+        n = len(data["chosen_inputs"])
     else:
         examples = sft.build_examples(rows, template, encode, seq_len, report)
         n = len(examples)
@@ -113,7 +118,7 @@ def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int)
     # Hold out whole examples for an eval loss, when there are enough of them.
     b = config.train.batch_size
     n_eval = max(int(n * config.data.eval_fraction), b) if n >= 4 * b else 0
-    if config.task == "dpo":
+    if config.task in PAIRS:
         split = lambda sl: {k: v[sl] for k, v in data.items()}
         train, held = split(slice(n_eval, None)), (split(slice(0, n_eval)) if n_eval else None)
     else:
@@ -142,9 +147,9 @@ def _reference(config: Config, rows: list, mesh, batch_size: int, progress: bool
 
 
 def finetune(config: Config) -> FinetuneSummary:
-    """Finetunes per `config` (config.task is sft or dpo), resuming from the run's latest checkpoint."""
-    if config.task not in ("sft", "dpo"):
-        raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft or task=dpo")
+    """Finetunes per `config` (config.task is sft, dpo or reward), resuming from the run's latest checkpoint."""
+    if config.task not in ("sft", "dpo", "reward"):
+        raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft, task=dpo or task=reward")
     config = base.resolve(config)
     run_dir = run_dir_of(config)
     model_dir = rundir.checkpoint_dir(run_dir, config.checkpoint.dir)  # what generate and export read
@@ -194,7 +199,8 @@ def finetune(config: Config) -> FinetuneSummary:
             result, state = LoopResult(run.start, None, 0, {}), run.state
         summary = FinetuneSummary(rd.directory, result.step, run.ckpt.directory, result.stopped_by, result.skipped,
                                   result.last, changes, report.summary(), base_mib,
-                                  eval_before={k[5:]: v for k, v in eval_before.items()})
+                                  eval_before={k[5:]: v for k, v in eval_before.items()},
+                                  scores=config.model.num_labels > 0)
         if not result.stopped_by:  # else a checkpoint holds the position; the same command resumes
             _write_outputs(config, spec, state, rd, model_dir, summary)
     return summary
