@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import socket
+import tempfile
 from typing import Callable, Sequence
 
 from tqdm import tqdm
@@ -53,10 +55,19 @@ class Local:
         return False
 
     def map(self, fn: Callable, items: Sequence, *shared, desc: str = "") -> list:
-        calls = [(fn, item, shared) for item in items]
-        it = map(_call, calls) if self._pool is None else self._pool.imap(_call, calls)
-        return list(tqdm(it, total=len(calls), desc=desc, unit="task", disable=not self.progress or not desc,
-                         mininterval=1.0))
+        with tempfile.TemporaryDirectory(prefix="jaxlm-shared-") as tmp:
+            if self._pool is None:
+                calls = [(fn, item, shared) for item in items]
+                it = map(_call, calls)
+            else:
+                # The shared values (dropped ids, eval n-grams: possibly large) go to each worker once, through a
+                # file it reads on its first task of this map, not pickled into every task.
+                path = os.path.join(tmp, "shared.pickle")
+                with open(path, "wb") as f:
+                    pickle.dump(shared, f, protocol=pickle.HIGHEST_PROTOCOL)
+                it = self._pool.imap(_call_with_file, [(fn, item, path) for item in items])
+            return list(tqdm(it, total=len(items), desc=desc, unit="task", disable=not self.progress or not desc,
+                             mininterval=1.0))
 
     def shuffle(self, map_fn: Callable, items: Sequence, reduce_fn: Callable, parts: int, map_args=(),
                 reduce_args=(), desc: str = "", keep: bool = False):
@@ -69,6 +80,18 @@ class Local:
 def _call(call):
     fn, item, shared = call
     return fn(item, *shared)
+
+
+_SHARED: dict[str, tuple] = {}  # per worker process: the shared values of the map being run, by file
+
+
+def _call_with_file(call):
+    fn, item, path = call
+    if path not in _SHARED:
+        _SHARED.clear()  # an earlier map's values are not needed again
+        with open(path, "rb") as f:  # written by this run's own driver, never by anyone else
+            _SHARED[path] = pickle.load(f)
+    return fn(item, *_SHARED[path])
 
 
 def _reduce_column(column, reduce_fn, *shared):
