@@ -80,6 +80,10 @@ def penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
     return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def _logp(logits_bv: jax.Array, token_b: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(jax.nn.log_softmax(logits_bv.astype(jnp.float32)), token_b[:, None], axis=1)[:, 0]
+
+
 def choose(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Array:
     if s.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -111,7 +115,7 @@ class Generator:
         seen = jnp.zeros((b, logits.shape[-1]), bool).at[jnp.arange(b)[:, None], tokens].max(valid[:, :p])
         last = penalize(logits[:, -1], seen, self.sampling.repetition_penalty)
         token = choose(last, rng, self.sampling)
-        return token, cache, valid, seen.at[jnp.arange(b), token].set(True)
+        return token, _logp(logits[:, -1], token), cache, valid, seen.at[jnp.arange(b), token].set(True)
 
     def _step_fn(self, params, cache, token, slot, pad, valid, seen, rng):
         b = token.shape[0]
@@ -123,10 +127,12 @@ class Generator:
         )
         last = penalize(logits[:, 0], seen, self.sampling.repetition_penalty)
         token = choose(last, rng, self.sampling)
-        return token, cache, valid, seen.at[jnp.arange(b), token].set(True)
+        return token, _logp(logits[:, 0], token), cache, valid, seen.at[jnp.arange(b), token].set(True)
 
-    def stream(self, prompts: list[list[int]]) -> Iterator[np.ndarray]:
-        """Yields the next token of every prompt, (B,), up to `max_new_tokens` times."""
+    def stream(self, prompts: list[list[int]], logprobs: bool = False) -> Iterator:
+        """Yields the next token of every prompt, (B,), up to `max_new_tokens` times; with `logprobs`,
+        (token, its float32 log-probability under the model's own distribution, before any temperature,
+        top-k/top-p or repetition penalty: the log-prob a trainer recomputes for it)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token")
         c, s = self.model.config, self.sampling
@@ -148,14 +154,14 @@ class Generator:
         cache = init_cache(c, len(prompts), total, self.mesh)
         rng, sub = jax.random.split(rng)
         with self._on_mesh():
-            token, cache, valid, seen = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache, sub)
-        yield np.asarray(token)
+            token, logp, cache, valid, seen = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache, sub)
+        yield (np.asarray(token), np.asarray(logp)) if logprobs else np.asarray(token)
         for i in range(1, s.max_new_tokens):
             rng, sub = jax.random.split(rng)
             with self._on_mesh():
-                token, cache, valid, seen = self._step(
+                token, logp, cache, valid, seen = self._step(
                     self.params, cache, token, jnp.int32(p + i - 1), jnp.asarray(pad), valid, seen, sub)
-            yield np.asarray(token)
+            yield (np.asarray(token), np.asarray(logp)) if logprobs else np.asarray(token)
 
     def _on_mesh(self):
         # Entered around each call rather than across the yields, so the caller's code never runs under it.
