@@ -8,13 +8,13 @@ import logging
 import os
 import sys
 
-from jaxlm.commands import (convert, data, evaluate, export, finetune, generate, peft, plan, presets, quantize, serve,
+from jaxlm.commands import (convert, data, evaluate, export, finetune, generate, peft, plan, presets, quantize, rl, serve,
                             tokenizer, train)
 from jaxlm.commands.args import Parser
 from jaxlm.core.config import ConfigError
 
 # In the order `jaxlm --help` lists them.
-COMMANDS = (train, generate, serve, evaluate, quantize, convert, export, finetune, data, tokenizer, peft, plan, presets)
+COMMANDS = (train, generate, serve, evaluate, quantize, convert, export, finetune, rl, data, tokenizer, peft, plan, presets)
 
 
 def build_parser() -> argparse.ArgumentParser:

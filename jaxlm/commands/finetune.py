@@ -44,7 +44,8 @@ def run(args) -> int:
 
 def run_config(config) -> int:
     """Finetunes (task=sft|dpo|reward) and reports: `jaxlm finetune`, and `jaxlm train` given a finetuning config."""
+    from jaxlm.inference.generate import Generator
     from jaxlm.training import finetune as finetuner
 
-    summaries.print_finetune(finetuner.finetune(config))
+    summaries.print_finetune(finetuner.finetune(config, sampler=Generator))
     return 0

@@ -376,6 +376,27 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """`jaxlm rl` (task=grpo): learning from rewards on sampled completions (jaxlm/training/grpo.py)."""
+
+    prompts: str = ""  # JSONL: {"prompt": text or messages, ...}; the whole row goes to the reward functions
+    reward: tuple[str, ...] = ()  # MODULE:FUNCTION reward functions, summed; fn(prompt=row, completion=text)
+    group_size: int = ranged(4, ge=2)  # completions per prompt; train.batch_size = prompts per rollout x this
+    max_new_tokens: int = ranged(32, ge=1)
+    temperature: float = ranged(1.0, gt=0)
+    iterations: int = ranged(1, ge=1)  # optimizer updates per rollout batch (each a train step)
+    beta: float = ranged(0.04, ge=0)  # KL (k3) penalty to the reference
+    epsilon: float = ranged(0.2, gt=0, lt=1)  # the ratio's clip below (and above unless epsilon_high)
+    epsilon_high: float = ranged(0.0, ge=0)  # DAPO's higher upper clip; 0 means epsilon
+    # grpo: each completion's token mean, std-normalised advantages; dr_grpo: token sums over max_new_tokens,
+    # advantages not divided by the std (length- and difficulty-unbiased); dapo: mean over all tokens.
+    loss: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    drop_zero_variance: bool = False  # groups whose rewards are all equal (no signal) take no part
+    reward_timeout: float = ranged(30.0, gt=0)  # seconds for one group's calls
+    max_failed_fraction: float = ranged(0.2, ge=0, le=1)  # of groups whose rewards failed, before stopping
+
+
+@dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     # A JSONL file (chat "messages", or "prompt"/"response"; DPO: "prompt"/"chosen"/"rejected"), or
     # chatterbot:english / chatterbot:chinese for the chat corpus shipped in chatterbot-corpus.
@@ -426,9 +447,10 @@ class Config:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
-    task: Literal["pretrain", "sft", "dpo", "reward"] = "pretrain"  # sft, dpo and reward run `jaxlm finetune`
+    task: Literal["pretrain", "sft", "dpo", "reward", "grpo"] = "pretrain"  # all but pretrain run `jaxlm finetune`
     lora: LoraConfig = LoraConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    rl: RLConfig = RLConfig()
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -461,6 +483,11 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"task={config.task} with model.num_labels={m.num_labels}: a reward model (task=reward) "
                           "has model.num_labels=1, and only a reward model has a score head (no task trains "
                           "a classifier of more labels)")
+    if config.task == "grpo" and t.batch_size % config.rl.group_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.group_size={config.rl.group_size} "
+                          "(each rollout samples batch_size / group_size prompts)")
+    if config.task == "grpo" and t.steps % config.rl.iterations:
+        raise ConfigError(f"train.steps={t.steps} must be a multiple of rl.iterations={config.rl.iterations}")
     lo = config.lora
     if lo.quantize != "none" and not lo.targets:
         raise ConfigError(f"lora.quantize={lo.quantize} needs LoRA targets (a quantized base cannot be trained); "

@@ -160,6 +160,12 @@ def _dpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Object
     return dpo.objective(apply_fn, config.finetune.beta, dropout, config.train.loss_chunks)
 
 
+def _grpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
+    from jaxlm.training import grpo
+
+    return grpo.objective(apply_fn, config, dropout)
+
+
 def _reward(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
     from jaxlm.training import reward
 
@@ -171,7 +177,7 @@ def _next_token(config: Config, apply_fn: Callable, dropout: bool) -> objectives
 
 
 # task -> objective(config, apply_fn, dropout). A new training mode is a new entry here, not a new step.
-OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo, "reward": _reward}
+OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo, "reward": _reward, "grpo": _grpo}
 
 
 def step_function(spec: ModelSpec, objective_: objectives.Objective):
@@ -235,7 +241,7 @@ def check_parallelism(config: Config, sizes: dict[str, int]) -> int:
 
 
 def run_loop(run: Run, run_dir: str, compiled, first_batch, batches, evaluate=None,
-             writer: MetricsWriter | None = None) -> tuple[TrainState, LoopResult]:
+             writer: MetricsWriter | None = None, extra_hooks=()) -> tuple[TrainState, LoopResult]:
     """The one training loop with the hooks every run has: metrics and progress, evaluation, checkpoints
     with preemption handling, profiling and the hang watchdog."""
     config, t, d = run.spec.config, run.spec.config.train, run.spec.config.distributed
@@ -254,4 +260,6 @@ def run_loop(run: Run, run_dir: str, compiled, first_batch, batches, evaluate=No
     loop.add_hook(hooks.Checkpoint(run.ckpt, config, boundary, stop, t.steps, run.spec.checkpointed))
     if t.profile_start:
         loop.add_hook(hooks.Profile(run_dir, t.profile_start, t.profile_steps))
+    for hook in extra_hooks:  # the run's own (GRPO's rollouts follow the params), after the checkpoint
+        loop.add_hook(hook)
     return loop.run(compiled, run.state, first_batch, batches, run.start)

@@ -29,7 +29,7 @@ from jaxlm.core.overrides import to_dict
 from jaxlm.core.sharding import global_batch
 from jaxlm.data import chat, packing, pipeline, tokenizer as tokenizer_lib
 from jaxlm.model import lora as lora_lib
-from jaxlm.training import assembly, base, dpo, reward, sft
+from jaxlm.training import assembly, base, dpo, grpo, reward, sft
 from jaxlm.training.checkpoint import save_params
 from jaxlm.training.evaluate import Evaluator
 from jaxlm.training.loop import LoopResult
@@ -146,10 +146,11 @@ def _reference(config: Config, rows: list, mesh, batch_size: int, progress: bool
     return fill
 
 
-def finetune(config: Config) -> FinetuneSummary:
-    """Finetunes per `config` (config.task is sft, dpo or reward), resuming from the run's latest checkpoint."""
-    if config.task not in ("sft", "dpo", "reward"):
-        raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft, task=dpo or task=reward")
+def finetune(config: Config, sampler=None) -> FinetuneSummary:
+    """Finetunes per `config` (config.task is sft, dpo, reward or grpo), resuming from the run's latest
+    checkpoint. GRPO samples with `sampler` (`jaxlm.inference.generate.Generator`, from the command)."""
+    if config.task not in ("sft", "dpo", "reward", "grpo"):
+        raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft, dpo, reward or grpo")
     config = base.resolve(config)
     run_dir = run_dir_of(config)
     model_dir = rundir.checkpoint_dir(run_dir, config.checkpoint.dir)  # what generate and export read
@@ -165,17 +166,26 @@ def finetune(config: Config) -> FinetuneSummary:
     bos_first = not tok.special_tokens_in_text and tok.bos_id() >= 0
     template = chat.load(config.finetune.chat_template, base.template_dir(config),
                          prefix_ids=(tok.bos_id(),) if bos_first else ())
-    train_rows, eval_rows, report = build_data(config, template, tok, t.seq_len)
+    if config.task == "grpo":
+        train_rows, report = grpo.load_prompts(config, template, lambda text: list(tok.encode(text)))
+        eval_rows = None
+        log.info("prompts %s: %s", config.rl.prompts, report.summary())
+    else:
+        train_rows, eval_rows, report = build_data(config, template, tok, t.seq_len)
 
     spec = assembly.build(config)
     with jax.set_mesh(mesh):
         done = latest is not None and latest >= t.steps
         dpo_refs = config.task == "dpo" and not done
-        need_base = spec.lora is not None or dpo_refs or latest is None
+        need_base = spec.lora is not None or dpo_refs or latest is None or config.task == "grpo"
         params = base.load_params(config, spec.model, mesh, t.progress) if need_base else None
+        # GRPO's reference is the starting model: a full finetune keeps a copy (a LoRA one turns its adapters off).
+        ref = jax.tree.map(jax.numpy.copy, params) if config.task == "grpo" and spec.lora is None else None
         fill = _reference(config, [train_rows, eval_rows], mesh, t.batch_size, t.progress and primary) if dpo_refs else None
         run = assembly.assemble(spec, mesh, ckpt_dir, params, fill and (lambda state: fill(state, spec)))
         del params
+        if config.task == "grpo" and spec.lora is None and ref is None:  # random start: the seed's own weights
+            ref = assembly.initial_state(spec, run.abstract, mesh).params
         if done and run.start < t.steps and config.task == "dpo":  # the latest step was damaged and set aside
             run.ckpt.close()
             raise ConfigError(f"the latest checkpoint in {ckpt_dir} was damaged and set aside; run the same command "
@@ -192,7 +202,10 @@ def finetune(config: Config) -> FinetuneSummary:
                 tokenizer_lib.copy_into(tok_path, rd.directory)
                 atomic.write_text(rd.path(rundir.CHAT_TEMPLATE), template.source)
                 base.copy_files(config, rd.directory)
-            result, state = _train(run, rd, train_rows, evaluate, eval_before)
+            if config.task == "grpo":
+                result, state = _train_grpo(run, rd, train_rows, tok, ref, sampler)
+            else:
+                result, state = _train(run, rd, train_rows, evaluate, eval_before)
         else:
             log.info("the run is already complete at step %d (train.steps=%d); writing its outputs", run.start, t.steps)
             run.ckpt.close()
@@ -227,6 +240,20 @@ def _train(run, rd, rows, evaluate, eval_before):
     if eval_before:
         writer.write(0, eval_before)
     state, result = assembly.run_loop(run, rd.directory, compiled, first, batches, evaluate, writer)
+    return result, state
+
+
+def _train_grpo(run, rd, prompts, tokenizer, ref, sampler):
+    """GRPO's loop: the batches are rollouts of the policy being trained (`grpo.RolloutSource`)."""
+    writer = MetricsWriter(rd.directory)
+    source = grpo.RolloutSource(run, prompts, tokenizer, ref, rd.directory, writer, sampler)
+    try:
+        first = global_batch(next(source), run.mesh)
+        compiled = assembly.compile_step(run.spec, assembly.objective(run.spec.config, run.spec), run.state, first)
+        state, result = assembly.run_loop(run, rd.directory, compiled, first, source, None, writer,
+                                          extra_hooks=(grpo.Follow(source),))
+    finally:
+        source.close()
     return result, state
 
 

@@ -1,0 +1,45 @@
+"""`jaxlm rl`: learning from rewards (GRPO) on the finetuning path."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxlm.commands.args import CONFIG_HELP
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rl", help="GRPO: sample completions, reward them, learn from the rewards",
+        description="Learn from rewards with GRPO (task=grpo): each rollout samples rl.group_size completions\n"
+                    "for train.batch_size / rl.group_size prompts of rl.prompts (JSONL {\"prompt\": text or\n"
+                    "messages, ...}) from the policy being trained, scores them with the rl.reward functions\n"
+                    "(MODULE:FUNCTION, called as fn(prompt=row, completion=text) -> number), normalises the\n"
+                    "rewards within each group, and takes rl.iterations clipped-ratio steps with a KL penalty\n"
+                    "(rl.beta) to the starting model. rl.loss=grpo|dr_grpo|dapo, rl.epsilon_high (DAPO's clip),\n"
+                    "rl.drop_zero_variance. model.init_from and lora.* as for jaxlm finetune; the same checkpoints,\n"
+                    "preemption and exact resume.\n\nExample: jaxlm rl grpo_tiny model.init_from=runs/sft_tiny "
+                    "rl.prompts=prompts.jsonl rl.reward='(\"my_rewards:exact\",)'\n\n" + CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="*", default=["grpo_tiny"], help="preset, config files and overrides (default: grpo_tiny)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from jaxlm.commands.finetune import run_config
+    from jaxlm.core import overrides
+    from jaxlm.core.config import ConfigError
+
+    config = overrides.load(args.config)
+    if config.task == "pretrain":
+        config = dataclasses.replace(config, task="grpo")
+    if config.task != "grpo":
+        raise ConfigError(f"jaxlm rl runs task=grpo, not task={config.task}; use jaxlm finetune for it")
+    if args.print_config:
+        import json
+
+        print(json.dumps(overrides.to_dict(config), indent=2))
+        return 0
+    return run_config(config)

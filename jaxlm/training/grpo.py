@@ -1,0 +1,225 @@
+"""GRPO on the shared loop: rollouts from the policy being trained, scored by reward functions, turned into
+batches for the one step factory.
+
+Every `rl.iterations` train steps start a rollout: the next batch_size / group_size prompts (a seeded
+permutation per pass over the prompts), each sampled group_size times with the KV-cache generator on the
+training mesh, from the current params (a LoRA policy's merged). The sampler's log-prob of every drawn
+token is the "old" log-prob of the ratio; the reference's (the frozen start: a LoRA policy with its adapters
+off, so no second copy) is computed once per rollout. Completions end at EOS (which is trained on). Rewards
+come from `rl.reward` functions (`reward_functions`); advantages are normalised within each group.
+
+Everything a rollout draws follows from the step: which prompts, and the sampling seed. Each rollout is
+saved in `<run>/rollouts/` before its first update, so a run resumed between two updates of one rollout
+trains on the very same batch: resuming equals never stopping, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.core import atomic
+from jaxlm.core.config import MAX_SEED, Config, ConfigError, SamplingConfig
+from jaxlm.data import chat
+from jaxlm.training import policy_gradient as pg, reward_functions
+from jaxlm.training.dpo import _prompt_messages
+from jaxlm.training.objectives import Objective, per_token_losses
+from jaxlm.training.sft import Report, read_jsonl
+
+log = logging.getLogger("jaxlm.grpo")
+ROLLOUTS = "rollouts"
+
+
+@dataclasses.dataclass
+class Prompts:
+    rows: list[dict]  # as read: what the reward functions see
+    ids: list[list[int]]  # rendered with the chat template's generation prompt, encoded
+
+
+def load_prompts(config: Config, template: chat.Template, encode) -> tuple[Prompts, Report]:
+    """The usable prompts of rl.prompts; malformed ones and those whose completion would not fit the context
+    (prompt + rl.max_new_tokens > train.seq_len) are counted and skipped."""
+    if not config.rl.prompts:
+        raise ConfigError("task=grpo needs rl.prompts: a JSONL file of {\"prompt\": ...} rows")
+    report, rows, ids = Report(), [], []
+    room = config.train.seq_len - config.rl.max_new_tokens
+    for where, row in read_jsonl(os.path.expanduser(config.rl.prompts)):
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("row is not an object")
+            messages = _prompt_messages(row.get("prompt"))
+            tokens = list(template.prefix_ids) + encode(template.render(messages, add_generation_prompt=True))
+        except (ValueError, chat.TemplateError) as e:
+            report.reject(str(e), where)
+            continue
+        if len(tokens) > room:
+            report.reject(f"longer than the context (train.seq_len - rl.max_new_tokens = {room} tokens)", where)
+            continue
+        report.used += 1
+        rows.append(row)
+        ids.append(tokens)
+    if not rows:
+        raise ConfigError(f"rl.prompts={config.rl.prompts} has no usable prompt ({report.summary()})")
+    return Prompts(rows, ids), report
+
+
+def aggregation(rl) -> str:
+    return {"grpo": "sequence", "dr_grpo": "constant", "dapo": "token"}[rl.loss]
+
+
+def objective(apply_fn, config: Config, dropout: bool = False) -> Objective:
+    """The clipped ratio objective with the KL penalty, on a rollout batch (`RolloutSource`)."""
+    rl = config.rl
+
+    def loss(params, batch, rng):
+        _, nll, _ = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, config.train.loss_chunks)
+        total, metrics = pg.grpo_loss(-nll, batch["old_logp"], batch["ref_logp"], batch["advantages"],
+                                      batch["loss_mask"], rl.beta, rl.epsilon, rl.epsilon_high or rl.epsilon,
+                                      aggregation(rl), rl.max_new_tokens)
+        return total, metrics
+
+    return Objective("grpo", loss, per_token=False)
+
+
+class Follow:
+    """A loop hook that hands the rollout source the params after every step."""
+
+    def __init__(self, source: "RolloutSource"):
+        self.source = source
+
+    def before_step(self, loop, step: int) -> None:
+        pass
+
+    def after_step(self, loop, step: int, state) -> None:
+        self.source.params = state.params
+
+    def close(self, loop) -> None:
+        pass
+
+
+class RolloutSource:
+    """The loop's batches for GRPO: a new rollout every `rl.iterations` steps, the same batch in between."""
+
+    def __init__(self, run, prompts: Prompts, tokenizer, ref_params, run_dir: str, writer, sampler):
+        """`ref_params`: the starting model's params for a full finetune; None for LoRA (adapters off).
+        `sampler(model, params, sampling, mesh)`: the KV-cache generator (`jaxlm.inference.generate.Generator`,
+        handed in by the command: inference is a layer above training)."""
+        spec, config = run.spec, run.spec.config
+        self.spec, self.config, self.rl, self.mesh = spec, config, config.rl, run.mesh
+        self.prompts, self.tokenizer, self.ref_params, self.writer = prompts, tokenizer, ref_params, writer
+        self.dir = os.path.join(run_dir, ROLLOUTS)
+        self.step, self.params, self.batch, self.cycle = run.start, run.state.params, None, None
+        self.sampling = SamplingConfig(temperature=self.rl.temperature, max_new_tokens=self.rl.max_new_tokens)
+        self.generator = sampler(spec.model, None, self.sampling, run.mesh)
+        self.scorer = reward_functions.Scorer(self.rl.reward, self.rl.reward_timeout, self.rl.max_failed_fraction)
+        on_mesh = not jax.sharding.get_abstract_mesh().empty  # replicated: every process reads the whole batch
+        self._logp = jax.jit(lambda p, b: -per_token_losses(spec.apply_fn, p, b, b["targets"])[1],
+                             out_shardings=jax.sharding.PartitionSpec() if on_mesh else None)
+        self._merge = jax.jit(spec.lora.merge) if spec.lora is not None else None
+        # A LoRA policy's reference is its own base with zero adapters (exactly the starting model, and no second
+        # copy); the base is read from the current params at each rollout, as a step donates the old ones.
+        self._zero_adapters = jax.tree.map(jnp.zeros_like, run.state.params["lora"]) if spec.lora is not None else None
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        cycle = self.step // self.rl.iterations
+        if cycle != self.cycle:
+            self.batch, self.cycle = self._rollout(cycle), cycle
+        self.step += 1
+        return self.batch
+
+    def close(self) -> None:
+        self.scorer.close()
+
+    def prompt_indices(self, cycle: int) -> list[int]:
+        """The prompts of rollout `cycle`: consecutive places in passes over the prompts, each pass in its own
+        seeded order."""
+        n, per = len(self.prompts.rows), self.config.train.batch_size // self.rl.group_size
+        out = []
+        for place in range(cycle * per, (cycle + 1) * per):
+            order = np.random.default_rng([self.config.train.seed, place // n]).permutation(n)
+            out.append(int(order[place % n]))
+        return out
+
+    def _rollout(self, cycle: int) -> dict[str, np.ndarray]:
+        path = os.path.join(self.dir, f"{cycle:06d}.npz")
+        if os.path.isfile(path):  # resumed inside this rollout's updates: train on exactly what was drawn
+            with np.load(path) as f:
+                return {k: f[k] for k in f.files}
+        t0 = time.perf_counter()
+        idx, g = self.prompt_indices(cycle), self.rl.group_size
+        prompt_ids = [self.prompts.ids[i] for i in idx for _ in range(g)]
+        tokens, logps, lengths = self._sample(prompt_ids, cycle)
+        t1 = time.perf_counter()
+        texts = [self.tokenizer.decode(row[:n][row[:n] != self.tokenizer.eos_id()].tolist())
+                 for row, n in zip(tokens, lengths)]
+        scored = self.scorer.score([self.prompts.rows[i] for i in idx], [texts[p * g:(p + 1) * g] for p in range(len(idx))])
+        t2 = time.perf_counter()
+        adv, flat = pg.group_advantages(jnp.asarray(scored.rewards), scale=self.rl.loss != "dr_grpo")
+        keep = scored.ok & ~(np.asarray(flat) if self.rl.drop_zero_variance else np.zeros(len(idx), bool))
+        batch = self._arrays(prompt_ids, tokens, logps, lengths, np.asarray(adv).reshape(-1), np.repeat(keep, g))
+        batch["ref_logp"] = self._ref_logp(batch)
+        os.makedirs(self.dir, exist_ok=True)
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **batch)
+        self._report(scored, keep, flat, lengths, t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return batch
+
+    def _sample(self, prompt_ids: list[list[int]], cycle: int):
+        """(tokens (B, N), their log-probs (B, N), completion lengths (B,), EOS included)."""
+        params = self.params if self._merge is None else self._merge(self.params["base"], self.params["lora"])
+        self.generator.params = params
+        self.generator.sampling = dataclasses.replace(
+            self.sampling, seed=(self.config.train.seed * 1_000_003 + cycle) % MAX_SEED)
+        drawn = list(self.generator.stream(prompt_ids, logprobs=True))
+        tokens, logps = np.stack([t for t, _ in drawn], 1), np.stack([lp for _, lp in drawn], 1)
+        at_eos = tokens == self.tokenizer.eos_id()
+        lengths = np.where(at_eos.any(1), at_eos.argmax(1) + 1, tokens.shape[1])
+        return tokens, logps, lengths
+
+    def _arrays(self, prompt_ids, tokens, logps, lengths, advantages, keep) -> dict[str, np.ndarray]:
+        b, t = len(prompt_ids), self.config.train.seq_len
+        out = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
+        out.update(loss_mask=np.zeros((b, t), np.float32), old_logp=np.zeros((b, t), np.float32))
+        for r, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
+            seq = np.concatenate([prompt, tokens[r, :n]]).astype(np.int32)
+            m = len(seq) - 1
+            out["inputs"][r, :m], out["targets"][r, :m] = seq[:-1], seq[1:]
+            out["positions"][r, :m], out["segment_ids"][r, :m] = np.arange(m), 1
+            first = len(prompt) - 1  # the target index of the first completion token
+            out["loss_mask"][r, first:first + n] = float(keep[r])
+            out["old_logp"][r, first:first + n] = logps[r, :n]
+        out["advantages"] = np.where(keep, advantages, 0.0).astype(np.float32)
+        return out
+
+    def _ref_logp(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        from jaxlm.core.sharding import global_batch
+
+        with jax.set_mesh(self.mesh):
+            ref = self.ref_params if self.ref_params is not None else {"base": self.params["base"], "lora": self._zero_adapters}
+            return np.asarray(jax.device_get(self._logp(ref, global_batch(batch, self.mesh))), np.float32)
+
+    def _report(self, scored, keep, flat, lengths, sample_s: float, score_s: float, prepare_s: float) -> None:
+        kept = scored.rewards[keep]
+        figures = {"rl/reward_mean": float(kept.mean()) if kept.size else float("nan"),
+                   "rl/reward_std": float(kept.std()) if kept.size else float("nan"),
+                   "rl/response_length": float(np.mean(lengths)), "rl/groups_failed": int(sum(scored.failures.values())),
+                   "rl/groups_zero_variance": int(np.sum(np.asarray(flat))), "rl/rollout_seconds": sample_s,
+                   "rl/scoring_seconds": score_s, "rl/prepare_seconds": prepare_s}
+        log.info("rollout at step %d: reward %.3f +- %.3f, %.1f tokens per completion, %.1fs sampling, %.1fs "
+                 "scoring%s", self.step, figures["rl/reward_mean"], figures["rl/reward_std"],
+                 figures["rl/response_length"], sample_s, score_s,
+                 f", {figures['rl/groups_failed']} groups failed ({dict(scored.failures)})" if scored.failures else "")
+        if jax.process_index() == 0:
+            self.writer.write(self.step, figures)

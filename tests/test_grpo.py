@@ -1,0 +1,69 @@
+"""GRPO through `jaxlm rl`: the trainer's log-probs of the sampled completions equal the sampler's, a run
+stopped between two updates of one rollout resumes to the uninterrupted run's adapters bit for bit, and bad
+prompts and reward functions are counted or named."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxlm import cli
+
+QUESTIONS = ["What is your name?", "Say hello.", "Tell me a joke.", "How are you?", "What is two plus two?",
+             "Name a colour.", "Is fire hot?", "Where is Paris?"]
+SMALL = ["model.vocab_size=384", "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+         "model.mlp_dim=64", "train.seq_len=64", "rl.max_new_tokens=12", "train.progress=False"]
+
+
+@pytest.fixture
+def prompts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # the reward functions' module, for the worker too
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__))
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": q} for q in QUESTIONS] + [{"prompt": "word " * 80}, {"nothing": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _rl(tmp_path, prompts, run, *extra, reward="rewards_for_tests:length"):
+    return cli.main(["rl", "grpo_tiny", f"rl.prompts={prompts}", f"finetune.data={prompts}", f"train.run_dir={run}",
+                     f"data.cache_dir={tmp_path}/cache", f"rl.reward=('{reward}',)", *SMALL, *extra])
+
+
+def test_trainer_log_probs_equal_the_samplers_and_bad_prompts_are_counted(tmp_path, prompts, capsys):
+    """A full finetune's first rollout: its reference log-probs (the trainer's forward over prompt +
+    completion with the starting params) equal the sampler's log-probs of the same tokens within 1e-5."""
+    run = tmp_path / "full"
+    assert _rl(tmp_path, prompts, run, "train.steps=1", "lora.targets=()") == 0
+    out = capsys.readouterr().out
+    assert "8 used; 1 skipped: longer than the context" in out and "1 skipped: 'prompt' must be" in out, out
+    with np.load(run / "rollouts" / "000000.npz") as f:
+        mask, old, ref = f["loss_mask"] > 0, f["old_logp"], f["ref_logp"]
+    assert mask.sum() >= 8 * 4  # every completion has tokens
+    np.testing.assert_allclose(ref[mask], old[mask], rtol=0, atol=1e-5)
+    rollout = [json.loads(line) for line in open(run / "metrics.jsonl") if "rl/reward_mean" in line]
+    assert rollout and rollout[0]["rl/reward_mean"] > 0 and rollout[0]["rl/rollout_seconds"] > 0
+
+
+@pytest.mark.slow  # three `jaxlm rl` runs with checkpoints every step: ~45 s
+def test_resumed_between_updates_of_one_rollout_equals_uninterrupted(tmp_path, prompts):
+    """Two updates per rollout; the run stops after step 3 (inside the second rollout), and the resumed run
+    trains on the saved rollout: its adapters equal the uninterrupted run's bit for bit."""
+    common = ["train.steps=4", "rl.iterations=2", "checkpoint.every=1", "checkpoint.async_save=False"]
+    assert _rl(tmp_path, prompts, tmp_path / "whole", *common) == 0
+    assert _rl(tmp_path, prompts, tmp_path / "split", *common, "train.stop_at=3") == 0
+    assert not os.path.exists(tmp_path / "split" / "adapters")
+    assert _rl(tmp_path, prompts, tmp_path / "split", *common) == 0
+    a, b = (open(tmp_path / d / "adapters" / "adapters.safetensors", "rb").read() for d in ("whole", "split"))
+    assert a == b
+    for name in ("000000.npz", "000001.npz"):
+        with np.load(tmp_path / "whole" / "rollouts" / name) as x, np.load(tmp_path / "split" / "rollouts" / name) as y:
+            assert all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def test_bad_reward_functions_and_settings_are_one_line(tmp_path, prompts, capsys):
+    assert _rl(tmp_path, prompts, tmp_path / "r", reward="rewards_for_tests:nope") == 2
+    assert "rewards_for_tests has no function nope" in capsys.readouterr().err
+    assert _rl(tmp_path, prompts, tmp_path / "r", "rl.group_size=3") == 2
+    assert "must be a multiple of rl.group_size=3" in capsys.readouterr().err
