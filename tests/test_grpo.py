@@ -67,3 +67,16 @@ def test_bad_reward_functions_and_settings_are_one_line(tmp_path, prompts, capsy
     assert "rewards_for_tests has no function nope" in capsys.readouterr().err
     assert _rl(tmp_path, prompts, tmp_path / "r", "rl.group_size=3") == 2
     assert "must be a multiple of rl.group_size=3" in capsys.readouterr().err
+
+
+def test_the_built_in_verse_task():
+    from jaxlm.data import verses
+
+    rows = verses.rows(count=50, seed=1)
+    assert len(rows) == 50 and all(r["prompt"].startswith(verses.INSTRUCTION) for r in rows)
+    row = {"prompt": "Continue the verse: In the beginning God created", "answer": "the heaven and the earth."}
+    assert verses.continuation_f1(row, "the heaven and the earth.") == 1.0
+    assert verses.continuation_f1(row, "Rome fell") == 0.0
+    # "the heaven" of 5 answer words: precision 2/2, recall 2/5; words past answer + 2 are not read
+    assert abs(verses.continuation_f1(row, "The HEAVEN!") - 2 * 1 * 0.4 / 1.4) < 1e-9
+    assert verses.continuation_f1(row, "the heaven and the earth and all the host") == 2 * (5 / 7) * 1 / (5 / 7 + 1)

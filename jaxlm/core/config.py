@@ -379,7 +379,9 @@ class LoraConfig:
 class RLConfig:
     """`jaxlm rl` (task=grpo): learning from rewards on sampled completions (jaxlm/training/grpo.py)."""
 
-    prompts: str = ""  # JSONL: {"prompt": text or messages, ...}; the whole row goes to the reward functions
+    # JSONL: {"prompt": text or messages, ...}; the whole row goes to the reward functions. kjv:verses is the
+    # built-in task (jaxlm/data/verses.py), scored by jaxlm.data.verses:continuation_f1.
+    prompts: str = ""
     reward: tuple[str, ...] = ()  # MODULE:FUNCTION reward functions, summed; fn(prompt=row, completion=text)
     group_size: int = ranged(4, ge=2)  # completions per prompt; train.batch_size = prompts per rollout x this
     max_new_tokens: int = ranged(32, ge=1)

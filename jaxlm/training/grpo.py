@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxlm.core import atomic
 from jaxlm.core.config import MAX_SEED, Config, ConfigError, SamplingConfig
-from jaxlm.data import chat
+from jaxlm.data import chat, verses
 from jaxlm.training import policy_gradient as pg, reward_functions
 from jaxlm.training.dpo import _prompt_messages
 from jaxlm.training.objectives import Objective, per_token_losses
@@ -46,10 +46,14 @@ def load_prompts(config: Config, template: chat.Template, encode) -> tuple[Promp
     """The usable prompts of rl.prompts; malformed ones and those whose completion would not fit the context
     (prompt + rl.max_new_tokens > train.seq_len) are counted and skipped."""
     if not config.rl.prompts:
-        raise ConfigError("task=grpo needs rl.prompts: a JSONL file of {\"prompt\": ...} rows")
+        raise ConfigError(f"task=grpo needs rl.prompts: a JSONL file of {{\"prompt\": ...}} rows, or {verses.SOURCE}")
     report, rows, ids = Report(), [], []
     room = config.train.seq_len - config.rl.max_new_tokens
-    for where, row in read_jsonl(os.path.expanduser(config.rl.prompts)):
+    if config.rl.prompts == verses.SOURCE:  # the built-in task
+        source = [(f"{verses.SOURCE}#{i}", row) for i, row in enumerate(verses.rows(seed=config.train.seed))]
+    else:
+        source = read_jsonl(os.path.expanduser(config.rl.prompts))
+    for where, row in source:
         try:
             if not isinstance(row, dict):
                 raise ValueError("row is not an object")
