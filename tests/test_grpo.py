@@ -80,3 +80,26 @@ def test_the_built_in_verse_task():
     # "the heaven" of 5 answer words: precision 2/2, recall 2/5; words past answer + 2 are not read
     assert abs(verses.continuation_f1(row, "The HEAVEN!") - 2 * 1 * 0.4 / 1.4) < 1e-9
     assert verses.continuation_f1(row, "the heaven and the earth and all the host") == 2 * (5 / 7) * 1 / (5 / 7 + 1)
+
+
+@pytest.mark.slow  # an SFT base, a reward model from it, then GRPO scored by that model: ~60 s
+def test_grpo_scored_by_a_reward_model_run(tmp_path, prompts, capsys):
+    from test_reward import SMALL as RM_SMALL, _prefs
+
+    _prefs(tmp_path)
+    base, rm = str(tmp_path / "lm"), str(tmp_path / "rm")
+    assert cli.main(["finetune", "sft_tiny", f"finetune.data={tmp_path}/sft.jsonl", f"train.run_dir={base}",
+                     "train.steps=2", "lora.targets=()", "finetune.pack=False", f"data.cache_dir={tmp_path}/cache",
+                     *RM_SMALL]) == 0
+    assert cli.main(["finetune", "reward_tiny", f"finetune.data={tmp_path}/prefs.jsonl", f"train.run_dir={rm}",
+                     f"model.init_from={base}", "train.steps=2", *RM_SMALL[-3:]]) == 0
+    run = tmp_path / "grpo"
+    assert cli.main(["rl", "grpo_tiny", f"rl.prompts={prompts}", f"train.run_dir={run}", f"model.init_from={base}",
+                     f"rl.reward_model={rm}", "rl.reward=()", "train.steps=2", "train.seq_len=128",
+                     "rl.max_new_tokens=12", "train.progress=False"]) == 0
+    rollouts = [json.loads(line) for line in open(run / "metrics.jsonl") if "rl/reward_mean" in line]
+    assert len(rollouts) == 2 and all(r["rl/reward_std"] > 0 for r in rollouts)  # scores differ per completion
+    # A policy reading text with another tokenizer (one trained on the prompts) cannot use this reward model.
+    capsys.readouterr()
+    assert _rl(tmp_path, prompts, tmp_path / "other", f"rl.reward_model={rm}", "train.steps=1") == 2
+    assert "not the policy's tokenizer" in capsys.readouterr().err

@@ -383,6 +383,7 @@ class RLConfig:
     # built-in task (jaxlm/data/verses.py), scored by jaxlm.data.verses:continuation_f1.
     prompts: str = ""
     reward: tuple[str, ...] = ()  # MODULE:FUNCTION reward functions, summed; fn(prompt=row, completion=text)
+    reward_model: str = ""  # a reward-model run directory (task=reward): its score is added to the functions' sum
     group_size: int = ranged(4, ge=2)  # completions per prompt; train.batch_size = prompts per rollout x this
     max_new_tokens: int = ranged(32, ge=1)
     temperature: float = ranged(1.0, gt=0)
@@ -488,6 +489,9 @@ def validate(config: Config) -> Config:
     if config.task == "grpo" and t.batch_size % config.rl.group_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.group_size={config.rl.group_size} "
                           "(each rollout samples batch_size / group_size prompts)")
+    if config.task == "grpo" and not (config.rl.reward or config.rl.reward_model):
+        raise ConfigError("task=grpo needs rl.reward (MODULE:FUNCTION reward functions) and/or rl.reward_model "
+                          "(a reward-model run directory)")
     if config.task == "grpo" and t.steps % config.rl.iterations:
         raise ConfigError(f"train.steps={t.steps} must be a multiple of rl.iterations={config.rl.iterations}")
     lo = config.lora

@@ -122,6 +122,8 @@ class RolloutSource:
         self.sampling = SamplingConfig(temperature=self.rl.temperature, max_new_tokens=self.rl.max_new_tokens)
         self.generator = sampler(spec.model, None, self.sampling, run.mesh)
         self.scorer = reward_functions.Scorer(self.rl.reward, self.rl.reward_timeout, self.rl.max_failed_fraction)
+        self.reward_model = (RewardModel(self.rl.reward_model, tokenizer, run.mesh, config.train.seq_len)
+                             if self.rl.reward_model else None)
         on_mesh = not jax.sharding.get_abstract_mesh().empty  # replicated: every process reads the whole batch
         self._logp = jax.jit(lambda p, b: -per_token_losses(spec.apply_fn, p, b, b["targets"])[1],
                              out_shardings=jax.sharding.PartitionSpec() if on_mesh else None)
@@ -169,6 +171,8 @@ class RolloutSource:
         texts = [self.tokenizer.decode(row[:n][row[:n] != self.tokenizer.eos_id()].tolist())
                  for row, n in zip(tokens, lengths)]
         scored = self.scorer.score([self.prompts.rows[i] for i in idx], [texts[p * g:(p + 1) * g] for p in range(len(idx))])
+        if self.reward_model is not None:
+            scored.rewards += self.reward_model.score(prompt_ids, tokens, lengths).reshape(len(idx), g)
         t2 = time.perf_counter()
         adv, flat = pg.group_advantages(jnp.asarray(scored.rewards), scale=self.rl.loss != "dr_grpo")
         keep = scored.ok & ~(np.asarray(flat) if self.rl.drop_zero_variance else np.zeros(len(idx), bool))
@@ -227,3 +231,39 @@ class RolloutSource:
                  f", {figures['rl/groups_failed']} groups failed ({dict(scored.failures)})" if scored.failures else "")
         if jax.process_index() == 0:
             self.writer.write(self.step, figures)
+
+
+class RewardModel:
+    """A reward-model run (`jaxlm finetune reward_tiny`) scoring prompt + completion at its last token. It must
+    read the policy's tokens: a different tokenizer is refused at start."""
+
+    def __init__(self, run_dir: str, tokenizer, mesh, width: int):
+        from jaxlm.data import tokenizer as tokenizer_lib
+        from jaxlm.training import base
+
+        theirs = tokenizer_lib.load_for_run(base.directory(run_dir))
+        if tokenizer_lib.file_hash(theirs.path) != tokenizer_lib.file_hash(tokenizer.path):
+            raise ConfigError(f"rl.reward_model={run_dir} reads text with {theirs.path}, not the policy's tokenizer "
+                              f"{tokenizer.path}; train the reward model from the same base")
+        self.model, self.params = base.run_model(run_dir, mesh)
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"rl.reward_model={run_dir} is not a reward model (model.num_labels="
+                              f"{self.model.config.num_labels}); train one with jaxlm finetune reward_tiny")
+        self.mesh, self.width = mesh, width  # one padded width: one compiled program
+        self._forward = jax.jit(lambda p, t, pos, seg: self.model.apply({"params": p}, t, pos, seg)[..., 0],
+                                out_shardings=jax.sharding.PartitionSpec())
+
+    def score(self, prompt_ids: list[list[int]], tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """(B,) float32: the score at each sequence's last token (the completion's EOS when it has one)."""
+        from jaxlm.core.sharding import global_batch
+
+        seqs = [np.concatenate([p, tokens[r, :n]]) for r, (p, n) in enumerate(zip(prompt_ids, lengths))]
+        width = self.width
+        arrays = {k: np.zeros((len(seqs), width), np.int32) for k in ("inputs", "positions", "segment_ids")}
+        for r, s in enumerate(seqs):
+            arrays["inputs"][r, :len(s)], arrays["positions"][r, :len(s)] = s, np.arange(len(s))
+            arrays["segment_ids"][r, :len(s)] = 1
+        with jax.set_mesh(self.mesh):
+            b = global_batch(arrays, self.mesh)
+            scores = np.asarray(jax.device_get(self._forward(self.params, b["inputs"], b["positions"], b["segment_ids"])))
+        return scores[np.arange(len(seqs)), [len(s) - 1 for s in seqs]].astype(np.float32)

@@ -99,6 +99,8 @@ class Scorer:
         g = max((len(c) for c in completions), default=0)
         rewards, ok = np.zeros((len(prompts), g), np.float32), np.zeros(len(prompts), bool)
         failed: collections.Counter = collections.Counter()
+        if not self.specs:  # no functions (a reward model alone scores): nothing to run or to fail
+            return Scored(rewards, ~ok, failed)
         for i, (prompt, group) in enumerate(zip(prompts, completions)):
             job = self._worker().apply_async(_score_group, (self.specs, prompt, group))
             try:
