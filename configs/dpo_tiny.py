@@ -10,5 +10,6 @@ def config():
     return dataclasses.replace(
         base, name="dpo_tiny", task="dpo",
         finetune=dataclasses.replace(base.finetune, data="prefs.jsonl", beta=0.1),
-        optim=dataclasses.replace(base.optim, lr=5e-4),
+        optim=dataclasses.replace(base.optim, lr=5e-4, warmup_steps=10),
+        train=dataclasses.replace(base.train, steps=60),  # preference sets are small: sft_tiny's 400 would overfit
     )

@@ -16,5 +16,6 @@ def config():
         model=dataclasses.replace(base.model, num_labels=1),
         lora=LoraConfig(targets=(r"attn/(q|k|v|o)$", r"mlp/(gate|up|down)$", r"^score$"), rank=8, alpha=16.0),
         finetune=dataclasses.replace(base.finetune, data="prefs.jsonl"),
-        optim=dataclasses.replace(base.optim, lr=1e-3),
+        optim=dataclasses.replace(base.optim, lr=1e-3, warmup_steps=10),
+        train=dataclasses.replace(base.train, steps=60),  # preference sets are small: sft_tiny's 400 would overfit
     )

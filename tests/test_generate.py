@@ -143,3 +143,24 @@ def test_sharded_cache_and_params_decode_the_same_tokens():
     cache = init_cache(config.model, 4, 16, mesh)
     spec = cache["k"].sharding.spec
     assert "fsdp" in spec[1] and spec[3] == "tensor" and spec[2] is None
+
+
+def test_streamed_answer_never_prints_part_of_a_stop_string(capsys):
+    """`jaxlm generate --prompt` streams token by token: text that could still become a stop string is held
+    back, so the answer ends before the stop, not in '<|im_end|' (one token per character here)."""
+    from jaxlm.commands.generate import _stream
+
+    class Chars:
+        def eos_id(self):
+            return 0
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    class Fixed:
+        def stream(self, prompts):
+            for ch in "Yes, <b>.<|im_end|>\nmore":
+                yield np.array([ord(ch)])
+
+    _stream(Fixed(), Chars(), [[1]], ("<|im_end|>",))
+    assert capsys.readouterr().out == "Yes, <b>.\n"

@@ -75,18 +75,15 @@ def run(args) -> int:
 
 def _stream(generator, tok, prompts, stops) -> None:
     """Prints one prompt's completion as it arrives, up to EOS or a stop string."""
-    from jaxlm.inference.generate import cut_at_stop
+    from jaxlm.serving.detokenize import TextStream
 
-    output, shown = [], ""
+    # TextStream holds back what could still become a stop string, so a stop is never half printed.
+    text = TextStream(tok, list(stops))
     for tokens in generator.stream(prompts):
         token = int(tokens[0])
         if token == tok.eos_id():
             break
-        output.append(token)
-        decoded = tok.decode(output)
-        text = cut_at_stop(decoded, stops)
-        print(text[len(shown):], end="", flush=True)  # stream the new text as it arrives
-        shown = text
-        if len(text) < len(decoded):  # a stop string was cut off
+        print(text.push(token), end="", flush=True)  # stream the new text as it arrives
+        if text.stopped:
             break
-    print()
+    print(text.finish())
