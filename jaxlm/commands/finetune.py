@@ -27,13 +27,22 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    return run_task(args, "sft")
+
+
+def run_task(args, default: str, only: str = "") -> int:
+    """Loads the config (a pretraining one gets task=`default`), refuses a task other than `only` when
+    given, then prints it (--print-config) or runs it: `jaxlm finetune` and `jaxlm rl`."""
     from jaxlm.core import overrides
+    from jaxlm.core.config import ConfigError
 
     config = overrides.load(args.config)
-    if config.task == "pretrain":  # the finetune command defaults to SFT
+    if config.task == "pretrain":
         import dataclasses
 
-        config = dataclasses.replace(config, task="sft")
+        config = dataclasses.replace(config, task=default)
+    if only and config.task != only:
+        raise ConfigError(f"this command runs task={only}, not task={config.task}; use jaxlm finetune for it")
     if args.print_config:
         import json
 

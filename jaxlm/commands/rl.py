@@ -26,20 +26,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import dataclasses
+    from jaxlm.commands.finetune import run_task
 
-    from jaxlm.commands.finetune import run_config
-    from jaxlm.core import overrides
-    from jaxlm.core.config import ConfigError
-
-    config = overrides.load(args.config)
-    if config.task == "pretrain":
-        config = dataclasses.replace(config, task="grpo")
-    if config.task != "grpo":
-        raise ConfigError(f"jaxlm rl runs task=grpo, not task={config.task}; use jaxlm finetune for it")
-    if args.print_config:
-        import json
-
-        print(json.dumps(overrides.to_dict(config), indent=2))
-        return 0
-    return run_config(config)
+    return run_task(args, "grpo", only="grpo")
