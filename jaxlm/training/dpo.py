@@ -23,7 +23,7 @@ from jaxlm.training.sft import Report, usable
 SIDES = ("chosen", "rejected")
 
 
-def _prompt_messages(prompt) -> list[dict]:
+def prompt_messages(prompt) -> list[dict]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list):
@@ -35,7 +35,7 @@ def encode_pair(row: dict, template: chat.Template, encode: Callable[[str], list
     """{side: (tokens, response mask)} for one preference row; raises ValueError or chat.TemplateError."""
     if not isinstance(row, dict) or not all(isinstance(row.get(k), (str, list)) for k in ("prompt", *SIDES)):
         raise ValueError("row needs 'prompt', 'chosen' and 'rejected'")
-    messages = _prompt_messages(row["prompt"])
+    messages = prompt_messages(row["prompt"])
     if not any(str(m.get("content", "")).strip() for m in messages) or not all(str(row[s]).strip() for s in SIDES):
         raise ValueError("empty conversation")
     prompt = template.render(messages, add_generation_prompt=True)

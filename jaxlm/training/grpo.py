@@ -26,9 +26,10 @@ import numpy as np
 
 from jaxlm.core import atomic
 from jaxlm.core.config import MAX_SEED, Config, ConfigError, SamplingConfig
+from jaxlm.core.sharding import global_batch
 from jaxlm.data import chat, verses
 from jaxlm.training import policy_gradient as pg, reward_functions
-from jaxlm.training.dpo import _prompt_messages
+from jaxlm.training.dpo import prompt_messages
 from jaxlm.training.objectives import Objective, per_token_losses
 from jaxlm.training.sft import Report, read_jsonl
 
@@ -57,7 +58,7 @@ def load_prompts(config: Config, template: chat.Template, encode) -> tuple[Promp
         try:
             if not isinstance(row, dict):
                 raise ValueError("row is not an object")
-            messages = _prompt_messages(row.get("prompt"))
+            messages = prompt_messages(row.get("prompt"))
             tokens = list(template.prefix_ids) + encode(template.render(messages, add_generation_prompt=True))
         except (ValueError, chat.TemplateError) as e:
             report.reject(str(e), where)
@@ -167,16 +168,17 @@ class RolloutSource:
         idx, g = self.prompt_indices(cycle), self.rl.group_size
         prompt_ids = [self.prompts.ids[i] for i in idx for _ in range(g)]
         tokens, logps, lengths = self._sample(prompt_ids, cycle)
+        seqs = [np.concatenate([p, tokens[r, :n]]).astype(np.int32) for r, (p, n) in enumerate(zip(prompt_ids, lengths))]
         t1 = time.perf_counter()
         texts = [self.tokenizer.decode(row[:n][row[:n] != self.tokenizer.eos_id()].tolist())
                  for row, n in zip(tokens, lengths)]
         scored = self.scorer.score([self.prompts.rows[i] for i in idx], [texts[p * g:(p + 1) * g] for p in range(len(idx))])
         if self.reward_model is not None:
-            scored.rewards += self.reward_model.score(prompt_ids, tokens, lengths).reshape(len(idx), g)
+            scored.rewards += self.reward_model.score(seqs).reshape(len(idx), g)
         t2 = time.perf_counter()
         adv, flat = pg.group_advantages(jnp.asarray(scored.rewards), scale=self.rl.loss != "dr_grpo")
         keep = scored.ok & ~(np.asarray(flat) if self.rl.drop_zero_variance else np.zeros(len(idx), bool))
-        batch = self._arrays(prompt_ids, tokens, logps, lengths, np.asarray(adv).reshape(-1), np.repeat(keep, g))
+        batch = self._arrays(seqs, prompt_ids, logps, lengths, np.asarray(adv).reshape(-1), np.repeat(keep, g))
         batch["ref_logp"] = self._ref_logp(batch)
         os.makedirs(self.dir, exist_ok=True)
         with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
@@ -196,12 +198,13 @@ class RolloutSource:
         lengths = np.where(at_eos.any(1), at_eos.argmax(1) + 1, tokens.shape[1])
         return tokens, logps, lengths
 
-    def _arrays(self, prompt_ids, tokens, logps, lengths, advantages, keep) -> dict[str, np.ndarray]:
-        b, t = len(prompt_ids), self.config.train.seq_len
+    def _arrays(self, seqs, prompt_ids, logps, lengths, advantages, keep) -> dict[str, np.ndarray]:
+        """The train batch: each prompt + completion (`seqs`) as inputs and shifted targets, the completion's
+        tokens marked for the loss with their sampled log-probs."""
+        b, t = len(seqs), self.config.train.seq_len
         out = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
         out.update(loss_mask=np.zeros((b, t), np.float32), old_logp=np.zeros((b, t), np.float32))
-        for r, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
-            seq = np.concatenate([prompt, tokens[r, :n]]).astype(np.int32)
+        for r, (seq, prompt, n) in enumerate(zip(seqs, prompt_ids, lengths)):
             m = len(seq) - 1
             out["inputs"][r, :m], out["targets"][r, :m] = seq[:-1], seq[1:]
             out["positions"][r, :m], out["segment_ids"][r, :m] = np.arange(m), 1
@@ -212,8 +215,6 @@ class RolloutSource:
         return out
 
     def _ref_logp(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        from jaxlm.core.sharding import global_batch
-
         with jax.set_mesh(self.mesh):
             ref = self.ref_params if self.ref_params is not None else {"base": self.params["base"], "lora": self._zero_adapters}
             return np.asarray(jax.device_get(self._logp(ref, global_batch(batch, self.mesh))), np.float32)
@@ -253,11 +254,8 @@ class RewardModel:
         self._forward = jax.jit(lambda p, t, pos, seg: self.model.apply({"params": p}, t, pos, seg)[..., 0],
                                 out_shardings=jax.sharding.PartitionSpec())
 
-    def score(self, prompt_ids: list[list[int]], tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(B,) float32: the score at each sequence's last token (the completion's EOS when it has one)."""
-        from jaxlm.core.sharding import global_batch
-
-        seqs = [np.concatenate([p, tokens[r, :n]]) for r, (p, n) in enumerate(zip(prompt_ids, lengths))]
+    def score(self, seqs: list[np.ndarray]) -> np.ndarray:
+        """(B,) float32: the score at the last token of each prompt + completion (its EOS when it has one)."""
         width = self.width
         arrays = {k: np.zeros((len(seqs), width), np.int32) for k in ("inputs", "positions", "segment_ids")}
         for r, s in enumerate(seqs):

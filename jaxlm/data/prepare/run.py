@@ -120,7 +120,7 @@ def _saved_ids(path: str, compute) -> tuple[np.ndarray, dict]:
     if info is not None and os.path.isfile(path):
         return np.load(path), info
     dropped, info = compute()
-    stages._save_npy(path, dropped)
+    stages.save_npy(path, dropped)
     write_json(path + ".json", info)
     return dropped, info
 

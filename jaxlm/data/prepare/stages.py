@@ -66,7 +66,7 @@ def block_file(work: str, index: int, suffix: str) -> str:
     return os.path.join(work, "blocks", f"{index:05d}{suffix}")
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray) -> None:
     with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
@@ -141,8 +141,8 @@ def clean_block(block: Block, c: PrepareConfig, work: str) -> dict:
         meta[:, 0] = ids
         meta[:, 1:3] = [exact_key(d) for d in texts]
         meta[:, 3] = [len(d.encode("utf-8")) for d in texts]
-    _save_npy(block_file(work, block.index, ".meta.npy"), meta)
-    _save_npy(block_file(work, block.index, ".sigs.npy"), sigs)
+    save_npy(block_file(work, block.index, ".meta.npy"), meta)
+    save_npy(block_file(work, block.index, ".sigs.npy"), sigs)
     stats = {"docs": len(texts), "stages": stages, "pii": dict(pii_counts), "sign_seconds": sign_seconds,
              "file": dataclasses.asdict(file_stats), "start": block.start}
     atomic.write_json(block_file(work, block.index, ".json"), stats)
@@ -285,7 +285,7 @@ def keep_block(index: int, work: str, exact_dropped: np.ndarray, near_dropped: n
             if not bad:
                 keep.append(r)
         rows = np.asarray(keep, np.int64)
-    _save_npy(block_file(work, index, ".kept.npy"), rows.astype(np.int64))
+    save_npy(block_file(work, index, ".kept.npy"), rows.astype(np.int64))
     sizes = meta[:, 3].astype(np.int64)
     stats = {"docs": len(ids), "exact": int(exact.sum()), "near": int(near.sum()), "kept": len(rows),
              "bytes": int(sizes.sum()), "bytes_after_exact": int(sizes[~exact].sum()), "decontaminate": st}
