@@ -57,6 +57,9 @@ setup(
                     "onnx": ["jax2onnx==0.12.5", "onnx==1.23.2", "onnxruntime==1.32.0"],
                     # `jaxlm data prepare --engine ray`: the stages as tasks on a Ray cluster.
                     "ray": ["ray==2.60.0"],
+                    # bench/grpo_trl.py: TRL's GRPOTrainer, on the same torch, transformers and peft as the tests.
+                    "bench": ["trl==1.16.0", "torch==2.13.0", "transformers==5.24.0", "peft==0.21.2",
+                              "accelerate==1.15.0"],
                     # `jaxlm plan` compiles for TPU targets ahead of time with libtpu (no TPU needed).
                     "tpu-plan": ["jax[tpu]==0.10.2"],
                     # data.seqio_task / `jaxlm data from-seqio`: seqio Tasks and Mixtures as training data.

@@ -6,7 +6,6 @@ language-model head is replaced by a fresh score head. Reports held-out pair acc
 import dataclasses
 
 from jaxlm.configs import sft_tiny
-from jaxlm.core.config import LoraConfig
 
 
 def config():
@@ -14,8 +13,8 @@ def config():
     return dataclasses.replace(
         base, name="reward_tiny", task="reward",
         model=dataclasses.replace(base.model, num_labels=1),
-        lora=LoraConfig(targets=(r"attn/(q|k|v|o)$", r"mlp/(gate|up|down)$", r"^score$"), rank=8, alpha=16.0),
+        lora=dataclasses.replace(sft_tiny.ADAPTERS, targets=(*sft_tiny.ADAPTERS.targets, r"^score$"), alpha=16.0),
         finetune=dataclasses.replace(base.finetune, data="prefs.jsonl"),
         optim=dataclasses.replace(base.optim, lr=1e-3, warmup_steps=10),
-        train=dataclasses.replace(base.train, steps=60),  # preference sets are small: sft_tiny's 400 would overfit
+        train=dataclasses.replace(base.train, steps=60, seq_len=128),  # preference sets are small: sft_tiny's 1,000 would overfit
     )

@@ -87,7 +87,8 @@ def test_jaxlm_finetune_dpo_raises_the_margin(tmp_path, capsys):
              ("Name a colour.", "Blue.", "A number."), ("Is fire hot?", "Yes.", "It is cold.")]
     data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs * 8))
     argv = ["finetune", "dpo_tiny", f"finetune.data={data}", f"train.run_dir={tmp_path}/run", "train.steps=10",
-            "train.seq_len=96", "train.batch_size=8", "train.progress=False", "model.vocab_size=384",
+            "train.seq_len=96", "train.batch_size=8", "train.progress=False", "finetune.drop_repeats=False",
+            "model.vocab_size=384",
             "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.mlp_dim=64",
             "optim.lr=1e-2", "optim.warmup_steps=1", "data.eval_fraction=0.25", f"data.cache_dir={tmp_path}/cache"]
     assert cli.main(argv) == 0

@@ -25,7 +25,9 @@ PAIRS = [("What is your name?", "I am a bot."), ("How are you?", "Fine, thanks."
          ("Where do you live?", "In a computer, far away.")]
 SMALL = ["model.vocab_size=384", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
          "model.num_kv_heads=1", "model.mlp_dim=64", "train.seq_len=96", "train.progress=False", "train.log_every=1",
-         "optim.lr=1e-2", "optim.warmup_steps=1", "data.eval_fraction=0.25"]
+         "optim.lr=1e-2", "optim.warmup_steps=1", "data.eval_fraction=0.25", "finetune.drop_repeats=False"]
+# sft_tiny finetunes fully; the LoRA tests take the adapters its LoRA presets use.
+LORA = "lora.targets=('attn/(q|k|v|o)$','mlp/(gate|up|down)$')"
 
 
 def _rows(seed: int, n: int = 8, t: int = 16, vocab: int = 128) -> dict:
@@ -99,7 +101,7 @@ def _losses(run, key="train/loss"):
 def test_resumed_lora_finetune_equals_uninterrupted_and_a_rerun_only_rewrites_outputs(tmp_path, capsys):
     """Adapter dropout (RNG), grad accumulation, the optimizer state and the data position all survive a restart."""
     args = ["finetune", "sft_tiny", f"finetune.data={_data(tmp_path)}", f"data.cache_dir={tmp_path}/cache",
-            "train.steps=4", "optim.grad_accum=2", "lora.dropout=0.2", "mesh.fsdp=4", "mesh.tensor=2", *SMALL]
+            "train.steps=4", "optim.grad_accum=2", "lora.dropout=0.2", "mesh.fsdp=4", "mesh.tensor=2", LORA, *SMALL]
     assert cli.main(args + [f"train.run_dir={tmp_path}/whole"]) == 0
     split = tmp_path / "split"
     assert cli.main(args + [f"train.run_dir={split}", "train.stop_at=2"]) == 0
@@ -148,7 +150,7 @@ def test_init_from_adapters_continues_from_a_finished_runs_adapters(tmp_path, ca
     """A second run started from the first's adapters (model.init_from=RUN/adapters: the first run's base, here
     random with the same seed) begins where it ended."""
     args = ["finetune", "sft_tiny", f"finetune.data={_data(tmp_path)}", f"data.cache_dir={tmp_path}/cache",
-            "train.steps=3", *SMALL]
+            "train.steps=3", LORA, *SMALL]
     assert cli.main(args + [f"train.run_dir={tmp_path}/first"]) == 0
     assert cli.main(args + [f"train.run_dir={tmp_path}/second", f"model.init_from={tmp_path}/first/adapters"]) == 0
     ended, began = _losses(tmp_path / "first", "eval/loss"), _losses(tmp_path / "second", "eval/loss")
@@ -163,7 +165,7 @@ def test_sigterm_mid_finetune_checkpoints_and_the_same_command_resumes(tmp_path)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "jaxlm.cli", "finetune", "sft_tiny", f"finetune.data={_data(tmp_path)}",
-           f"data.cache_dir={tmp_path}/cache", f"train.run_dir={run}", "checkpoint.every=100000", *SMALL]
+           f"data.cache_dir={tmp_path}/cache", f"train.run_dir={run}", "checkpoint.every=100000", LORA, *SMALL]
     proc = subprocess.Popen(cmd + ["train.steps=100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300

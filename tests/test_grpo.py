@@ -26,8 +26,8 @@ def prompts(tmp_path, monkeypatch):
     return str(path)
 
 
-def _rl(tmp_path, prompts, run, *extra, reward="rewards_for_tests:length"):
-    return cli.main(["rl", "grpo_tiny", f"rl.prompts={prompts}", f"finetune.data={prompts}", f"train.run_dir={run}",
+def _rl(tmp_path, prompts, run, *extra, reward="rewards_for_tests:length", preset="grpo_tiny"):
+    return cli.main(["rl", preset, f"rl.prompts={prompts}", f"finetune.data={prompts}", f"train.run_dir={run}",
                      f"data.cache_dir={tmp_path}/cache", f"rl.reward=('{reward}',)", *SMALL, *extra])
 
 
@@ -46,15 +46,51 @@ def test_trainer_log_probs_equal_the_samplers_and_bad_prompts_are_counted(tmp_pa
     assert rollout and rollout[0]["rl/reward_mean"] > 0 and rollout[0]["rl/rollout_seconds"] > 0
 
 
-@pytest.mark.slow  # three `jaxlm rl` runs with checkpoints every step: ~45 s
-def test_resumed_between_updates_of_one_rollout_equals_uninterrupted(tmp_path, prompts):
+def test_ppo_rollout_and_step(tmp_path, prompts):
+    """PPO with LoRA from random weights: at the first rollout the policy is its reference (adapters off), so
+    the sampler's log-probs equal the reference's within 1e-5; the advantages are whitened over the
+    completion tokens; the step reports the value loss and the rollouts the entropy and update time."""
+    run = tmp_path / "ppo"
+    assert _rl(tmp_path, prompts, run, "train.steps=4", preset="ppo_tiny") == 0
+    with np.load(run / "rollouts" / "000000.npz") as f:
+        mask, batch = f["loss_mask"] > 0, {k: f[k] for k in f.files}
+    assert {"old_values", "returns", "advantages"} <= set(batch) and batch["advantages"].shape == mask.shape
+    np.testing.assert_allclose(batch["ref_logp"][mask], batch["old_logp"][mask], rtol=0, atol=1e-5)
+    adv = batch["advantages"][mask]
+    assert abs(adv.mean()) < 1e-4 and abs(adv.std() - 1) < 1e-3 and not batch["advantages"][~mask].any()
+    # Each completion's score (the reward function's: its word count) on its last token, after the prompt,
+    # and -rl.beta x the log-ratio to the reference on every token.
+    kl_part = -0.05 * (batch["old_logp"] - batch["ref_logp"]) * mask
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    np.testing.assert_allclose((batch["rewards"] - kl_part)[np.arange(len(last)), last], batch["scores"], atol=1e-6)
+    assert batch["scores"].max() > 0 and np.all(np.argmax(mask, axis=1) > 0)  # completions follow prompts
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rollouts, steps = [r for r in rows if "rl/entropy" in r], [r for r in rows if "train/value_loss" in r]
+    assert [r["step"] for r in rollouts] == [0, 2] and rollouts[0]["rl/entropy"] > 0
+    assert "rl/update_seconds" in rollouts[1] and rollouts[1]["rl/update_tokens_per_s"] > 0
+    assert steps and steps[-1]["train/value_loss"] > 0 and 0 <= steps[-1]["train/clip_fraction"] <= 1
+
+
+def test_ppo_settings_that_cannot_work_are_one_line(tmp_path, prompts, capsys):
+    assert _rl(tmp_path, prompts, tmp_path / "p", "model.value_head=False", preset="ppo_tiny") == 2
+    assert "PPO, and only PPO, trains a value head" in capsys.readouterr().err
+    assert _rl(tmp_path, prompts, tmp_path / "p", "lora.targets=('attn/q$',)", preset="ppo_tiny") == 2
+    assert "add '^value$' to lora.targets" in capsys.readouterr().err
+    assert _rl(tmp_path, prompts, tmp_path / "p", "rl.group_size=1") == 2
+    assert "rl.group_size must be 2 or more" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three `jaxlm rl` runs with checkpoints every step, for each of GRPO and PPO: ~90 s
+@pytest.mark.parametrize("preset", ["grpo_tiny", "ppo_tiny"])
+def test_resumed_between_updates_of_one_rollout_equals_uninterrupted(tmp_path, prompts, preset):
     """Two updates per rollout; the run stops after step 3 (inside the second rollout), and the resumed run
-    trains on the saved rollout: its adapters equal the uninterrupted run's bit for bit."""
+    trains on the saved rollout: its adapters (PPO's: with the value head's) equal the uninterrupted run's
+    bit for bit."""
     common = ["train.steps=4", "rl.iterations=2", "checkpoint.every=1", "checkpoint.async_save=False"]
-    assert _rl(tmp_path, prompts, tmp_path / "whole", *common) == 0
-    assert _rl(tmp_path, prompts, tmp_path / "split", *common, "train.stop_at=3") == 0
+    assert _rl(tmp_path, prompts, tmp_path / "whole", *common, preset=preset) == 0
+    assert _rl(tmp_path, prompts, tmp_path / "split", *common, "train.stop_at=3", preset=preset) == 0
     assert not os.path.exists(tmp_path / "split" / "adapters")
-    assert _rl(tmp_path, prompts, tmp_path / "split", *common) == 0
+    assert _rl(tmp_path, prompts, tmp_path / "split", *common, preset=preset) == 0
     a, b = (open(tmp_path / d / "adapters" / "adapters.safetensors", "rb").read() for d in ("whole", "split"))
     assert a == b
     for name in ("000000.npz", "000001.npz"):
@@ -82,6 +118,19 @@ def test_the_built_in_verse_task():
     assert verses.continuation_f1(row, "the heaven and the earth and all the host") == 2 * (5 / 7) * 1 / (5 / 7 + 1)
 
 
+def test_the_built_in_word_task():
+    from jaxlm.data import words
+
+    rows = words.rows(count=80, seed=3)
+    assert rows == words.rows(count=80, seed=3) and {r["words"] for r in rows} == set(range(3, 9))
+    assert all(f"in {r['words']} words" in r["prompt"] for r in rows)
+    row = {"words": 4}
+    assert words.bible_words(row, "The LORD is good.") == 1.0
+    assert words.bible_words(row, "The computer is good.") == 0.5 * 3 / 4 + 0.5  # "computer" is not in the KJV
+    assert words.bible_words(row, "And God said, Let there be light") == 0.5 + 0.5 * (1 - 3 / 4)
+    assert words.bible_words(row, "light " * 9) == 0.5 and words.bible_words(row, "!?") == 0.0
+
+
 @pytest.mark.slow  # an SFT base, a reward model from it, then GRPO scored by that model: ~60 s
 def test_grpo_scored_by_a_reward_model_run(tmp_path, prompts, capsys):
     from test_reward import SMALL as RM_SMALL, _prefs
@@ -92,7 +141,7 @@ def test_grpo_scored_by_a_reward_model_run(tmp_path, prompts, capsys):
                      "train.steps=2", "lora.targets=()", "finetune.pack=False", f"data.cache_dir={tmp_path}/cache",
                      *RM_SMALL]) == 0
     assert cli.main(["finetune", "reward_tiny", f"finetune.data={tmp_path}/prefs.jsonl", f"train.run_dir={rm}",
-                     f"model.init_from={base}", "train.steps=2", *RM_SMALL[-3:]]) == 0
+                     f"model.init_from={base}", "train.steps=2", *RM_SMALL[-4:]]) == 0
     run = tmp_path / "grpo"
     assert cli.main(["rl", "grpo_tiny", f"rl.prompts={prompts}", f"train.run_dir={run}", f"model.init_from={base}",
                      f"rl.reward_model={rm}", "rl.reward=()", "train.steps=2", "train.seq_len=128",

@@ -181,3 +181,25 @@ def test_cross_entropy_gradient_matches_autodiff():
     fused = lambda l: sum(cross_entropy(l, targets, mask, z_loss=1e-2)[:2])
     np.testing.assert_allclose(fused(logits), plain(logits), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(fused)(logits), jax.grad(plain)(logits), rtol=1e-5, atol=1e-7)
+
+
+def test_value_head_reads_the_final_hidden_states_without_moving_them():
+    """PPO's critic: the values sown beside the logits are the final hidden states times `value`, the logits
+    are the language model's as without a critic, and the values' gradient reaches `value` alone."""
+    from jaxlm.training.objectives import per_token_losses
+
+    config = small_config(value_head=True)
+    model, batch = Transformer(config.model), _batch()
+    params = _init(model, batch)
+    plain = Transformer(dataclasses.replace(config.model, value_head=False))
+    without = {k: v for k, v in params.items() if k != "value"}
+    row = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    (h_btd, _), state = model.apply({"params": params}, *row, hidden=True, mutable=["intermediates"])
+    values = state["intermediates"]["values"][0]
+    np.testing.assert_allclose(values, np.asarray(h_btd @ params["value"][0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(model.apply({"params": params}, *row), plain.apply({"params": without}, *row))
+    out = per_token_losses(model.apply, params, batch, batch["targets"])
+    np.testing.assert_array_equal(out.values, values)
+    grads = jax.grad(lambda p: per_token_losses(model.apply, p, batch, batch["targets"]).values.sum())(params)
+    moved = {k for k, g in grads.items() if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}
+    assert moved == {"value"}

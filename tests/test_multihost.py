@@ -34,8 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args, run_dir, cache_dir, processes=1, devices=8):
-    """Starts `jaxlm train` as `processes` processes with `devices` CPU devices each; returns the Popens."""
+def start(args, run_dir, cache_dir, processes=1, devices=8, command=("train", *SMALL)):
+    """Starts `jaxlm <command>` (default: `jaxlm train` at the SMALL shapes) as `processes` processes with
+    `devices` CPU devices each; returns the Popens."""
     port = free_port()
     procs = []
     for pid in range(processes):
@@ -43,7 +44,7 @@ def start(args, run_dir, cache_dir, processes=1, devices=8):
         if processes > 1:
             env.update(JAXLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAXLM_NUM_PROCESSES=str(processes),
                        JAXLM_PROCESS_ID=str(pid))
-        cmd = [sys.executable, "-m", "jaxlm.cli", "train", *SMALL, *args, f"train.run_dir={run_dir}",
+        cmd = [sys.executable, "-m", "jaxlm.cli", *command, *args, f"train.run_dir={run_dir}",
                f"data.cache_dir={cache_dir}", "distributed.init_timeout_s=120"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
@@ -117,6 +118,53 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
     assert complete_steps(tmp_path / "two") == [3, 6]
     data_files = os.listdir(tmp_path / "two" / "checkpoints" / "6" / "data")
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files), data_files
+
+
+@pytest.mark.slow  # GRPO, 2 steps, by one process then by two: about 2 minutes on 2 cores
+def test_two_process_grpo_matches_one_process(tmp_path, monkeypatch):
+    """The same rollouts (tokens sampled over the same global mesh, log-probs, advantages), losses and final
+    adapters from 1 process x 8 devices and 2 processes x 4; only process 0 logs and writes rollouts."""
+    from test_grpo import QUESTIONS, SMALL as GRPO_SMALL
+
+    tests = os.path.dirname(__file__)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    command = ("rl", "grpo_tiny", f"rl.prompts={prompts}", f"finetune.data={prompts}",
+               "rl.reward=('rewards_for_tests:length',)", *GRPO_SMALL)
+    args = ["train.steps=2", "rl.iterations=1", "train.log_every=1"]
+    cache = tmp_path / "cache"
+    # One after the other: the first run trains the tokenizer on the prompts into the cache the second reads.
+    check_ok(finish(start(args, tmp_path / "one", cache, command=command)))
+    results = finish(start(args, tmp_path / "two", cache, processes=2, devices=4, command=command))
+    check_ok(results)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(os.listdir(two / "rollouts")) == ["000000.npz", "000001.npz"]  # no stray temporary files
+    for name in ("000000.npz", "000001.npz"):
+        with np.load(one / "rollouts" / name) as ref, np.load(two / "rollouts" / name) as got:
+            assert sorted(got.files) == sorted(ref.files)
+            for k in ("inputs", "targets", "loss_mask"):
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{name} {k}")
+            for k in ("old_logp", "ref_logp", "advantages"):
+                np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-5, err_msg=f"{name} {k}")
+            assert got["loss_mask"].sum() > 0
+    # The loss is a mean over advantages that sum to zero per group, at a ratio of 1 on a rollout's first step:
+    # float noise around 0 (~1e-8), hence the absolute tolerance; the gradient's norm and the KL are not.
+    for key, atol in (("train/loss", 1e-7), ("train/grad_norm", 0), ("train/kl", 1e-9)):
+        ref, got = metrics(one, key), metrics(two, key)
+        assert sorted(got) == sorted(ref) == [1, 2], key
+        np.testing.assert_allclose([got[s] for s in (1, 2)], [ref[s] for s in (1, 2)], rtol=1e-5, atol=atol, err_msg=key)
+    ref_reward, got_reward = metrics(one, "rl/reward_mean"), metrics(two, "rl/reward_mean")
+    assert len(got_reward) == 2 and got_reward == ref_reward
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(str(d / "adapters" / "adapters.safetensors")) for d in (one, two))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    # Only process 0 logs (process 1 reports warnings and errors only).
+    assert "jaxlm.rl" in results[0][2] and "jaxlm.train" in results[0][2], results[0][2][-2000:]
+    assert "jaxlm.rl" not in results[1][2] and "jaxlm.train" not in results[1][2], results[1][2][-2000:]
 
 
 def test_unreachable_coordinator_fails_with_one_line(tmp_path):

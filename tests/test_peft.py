@@ -154,7 +154,8 @@ def test_finetune_from_hf_then_peft_export_and_merged_export_match(tmp_path, cap
     run = tmp_path / "run"
     argv = ["finetune", "sft_tiny", f"model.init_from=hf:{hf_dir}", f"finetune.data={tmp_path}/chats.jsonl",
             f"train.run_dir={run}", "train.steps=6", "train.seq_len=32", "train.progress=False",
-            "model.dtype=float32", "optim.lr=2e-2", "optim.warmup_steps=1", "lora.rank=4"]
+            "model.dtype=float32", "optim.lr=2e-2", "optim.warmup_steps=1", "lora.rank=4",
+            "lora.targets=('attn/(q|k|v|o)$','mlp/(gate|up|down)$')"]
     assert cli.main(argv) == 0
     assert cli.main(["peft", "export", str(run), str(tmp_path / "adapter"), "--base-model", hf_dir]) == 0
     assert cli.main(["convert", "to-hf", str(run), str(tmp_path / "merged_hf")]) == 0

@@ -14,6 +14,9 @@ RNG = np.random.default_rng(0)
 B, T = 6, 7
 LENGTHS = [7, 3, 5, 1, 6, 4]
 MASK = np.array([[1] * n + [0] * (T - n) for n in LENGTHS], np.float32)
+PROMPTS = [0, 2, 1, 5, 0, 3]  # where each completion starts: after its prompt, as in a rollout's rows
+T2 = T + 5
+PLACED = np.array([[0] * p + [1] * n + [0] * (T2 - p - n) for p, n in zip(PROMPTS, LENGTHS)], np.float32)
 OLD = RNG.normal(-2.0, 0.5, (B, T)).astype(np.float32)
 LOGP = (OLD + RNG.normal(0, 0.3, (B, T))).astype(np.float32)  # ratios from ~0.5 to ~2: both clips engage
 REF = (OLD + RNG.normal(0, 0.2, (B, T))).astype(np.float32)
@@ -80,29 +83,31 @@ def test_asymmetric_clip_lets_positive_advantages_rise_further():
 
 
 def test_gae_matches_the_backward_recursion():
+    """On completions placed after their prompts, as a rollout's rows hold them."""
     gamma, lam = 0.97, 0.9
-    rewards, values = RNG.normal(size=(B, T)).astype(np.float32), RNG.normal(size=(B, T)).astype(np.float32)
-    adv, returns = pg.gae(jnp.asarray(rewards), jnp.asarray(values), MASK, gamma, lam)
+    rewards, values = RNG.normal(size=(B, T2)).astype(np.float32), RNG.normal(size=(B, T2)).astype(np.float32)
+    adv, returns = pg.gae(jnp.asarray(rewards), jnp.asarray(values), PLACED, gamma, lam)
     for b in range(B):
-        n, running = LENGTHS[b], 0.0
-        want = np.zeros(T)
-        for t in reversed(range(n)):
-            next_value = values[b, t + 1] if t + 1 < n else 0.0
+        p, n, running = PROMPTS[b], LENGTHS[b], 0.0
+        want = np.zeros(T2)
+        for t in reversed(range(p, p + n)):
+            next_value = values[b, t + 1] if t + 1 < p + n else 0.0
             running = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * running
             want[t] = running
         np.testing.assert_allclose(adv[b], want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(returns[b, :n], want[:n] + values[b, :n], rtol=1e-5, atol=1e-5)
-        assert not np.any(np.asarray(returns[b, n:]))
+        np.testing.assert_allclose(returns[b, p:p + n], want[p:p + n] + values[b, p:p + n], rtol=1e-5, atol=1e-5)
+        assert not np.any(np.asarray(returns[b, :p])) and not np.any(np.asarray(returns[b, p + n:]))
 
 
 def test_rlhf_rewards_put_the_score_on_the_last_token():
     score, kl_coef = np.array([2.0, -1.0, 0.5, 3.0, 0.0, 1.0], np.float32), 0.1
-    got = pg.rlhf_rewards(jnp.asarray(score), LOGP, REF, MASK, kl_coef)
+    logp, ref = RNG.normal(-2, 0.5, (B, T2)).astype(np.float32), RNG.normal(-2, 0.5, (B, T2)).astype(np.float32)
+    got = pg.rlhf_rewards(jnp.asarray(score), logp, ref, PLACED, kl_coef)
     for b in range(B):
-        n = LENGTHS[b]
-        want = np.zeros(T)
-        want[:n] = -kl_coef * (LOGP[b, :n] - REF[b, :n])
-        want[n - 1] += score[b]
+        p, n = PROMPTS[b], LENGTHS[b]
+        want = np.zeros(T2)
+        want[p:p + n] = -kl_coef * (logp[b, p:p + n] - ref[b, p:p + n])
+        want[p + n - 1] += score[b]  # the completion's last token, after the prompt
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
 
 
@@ -123,3 +128,47 @@ def test_clipped_value_loss_and_gradient():
     value, got = jax.value_and_grad(lambda v: pg.value_loss(v, old, returns, MASK, clip))(jnp.asarray(values))
     np.testing.assert_allclose(value, total, rtol=1e-5)
     np.testing.assert_allclose(got, grads, rtol=1e-4, atol=1e-6)
+
+
+def test_whiten_over_the_masked_tokens():
+    x = RNG.normal(3.0, 2.0, (B, T)).astype(np.float32)
+    got = np.asarray(pg.whiten(jnp.asarray(x), MASK))
+    inside = x[MASK > 0]
+    np.testing.assert_allclose(got[MASK > 0], (inside - inside.mean()) / np.sqrt(inside.var() + 1e-8), rtol=1e-4, atol=1e-5)
+    assert not np.any(got[MASK == 0])
+
+
+def test_ppo_loss_and_gradients_match_a_direct_computation():
+    """PPO's total (the per-token clipped surrogate with per-token advantages + vf_coef x the clipped value
+    loss) and its gradients with respect to the log-probs and the values, token by token."""
+    eps_low, eps_high, clip, vf_coef = 0.2, 0.28, 0.2, 0.1
+    adv = RNG.normal(size=(B, T)).astype(np.float32)
+    old_v = RNG.normal(size=(B, T)).astype(np.float32)
+    values = (old_v + RNG.normal(0, 0.4, (B, T))).astype(np.float32)
+    returns = RNG.normal(size=(B, T)).astype(np.float32)
+    total, policy, tokens, clipped, v_clipped = 0.0, 0.0, 0, 0, 0
+    g_logp, g_values = np.zeros((B, T)), np.zeros((B, T))
+    for b in range(B):
+        for t in range(LENGTHS[b]):
+            s, c, _, g = _token_terms(LOGP[b, t], OLD[b, t], REF[b, t], adv[b, t], eps_low, eps_high, beta=0.0)
+            v, o, r = values[b, t], old_v[b, t], returns[b, t]
+            cv = o + np.clip(v - o, -clip, clip)
+            plain, capped = 0.5 * (v - r) ** 2, 0.5 * (cv - r) ** 2
+            total += s + vf_coef * max(plain, capped)
+            policy += s
+            g_logp[b, t] = g
+            g_values[b, t] = vf_coef * ((v - r) if plain >= capped else ((cv - r) if abs(v - o) < clip else 0.0))
+            tokens, clipped, v_clipped = tokens + 1, clipped + c, v_clipped + (abs(v - o) > clip)
+
+    def loss(lp, v):
+        return pg.ppo_loss(lp, OLD, REF, adv, v, old_v, returns, MASK, eps_low, eps_high, clip, vf_coef)
+
+    (value, metrics), (got_logp, got_values) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        jnp.asarray(LOGP), jnp.asarray(values))
+    np.testing.assert_allclose(value, total, rtol=1e-5)
+    np.testing.assert_allclose(metrics["policy_loss"], policy, rtol=1e-5)
+    np.testing.assert_allclose(got_logp, g_logp, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_values, g_values, rtol=1e-4, atol=1e-7)
+    assert float(metrics["weight"]) == tokens
+    assert float(metrics["clip_fraction"]) == clipped and float(metrics["value_clip_fraction"]) == v_clipped
+    assert 0 < clipped < tokens and 0 < v_clipped < tokens

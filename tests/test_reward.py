@@ -123,7 +123,8 @@ def _prefs(tmp_path):
 
 
 SMALL = ["model.vocab_size=384", "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-         "model.mlp_dim=64", "train.seq_len=128", "train.batch_size=8", "train.progress=False"]
+         "model.mlp_dim=64", "train.seq_len=128", "train.batch_size=8", "train.progress=False",
+         "finetune.drop_repeats=False"]
 
 
 @pytest.mark.slow  # three `jaxlm finetune` runs (an SFT base, then a LoRA and a full reward model): ~60 s
@@ -137,7 +138,7 @@ def test_reward_model_from_a_language_model_run(tmp_path, capsys):
         run = tmp_path / name
         assert cli.main(["finetune", "reward_tiny", f"finetune.data={tmp_path}/prefs.jsonl", f"train.run_dir={run}",
                          f"model.init_from={base}", "train.steps=30", "optim.lr=3e-3", "optim.warmup_steps=2",
-                         "data.eval_fraction=0.25", *extra, *SMALL[-3:]]) == 0
+                         "data.eval_fraction=0.25", *extra, *SMALL[-4:]]) == 0
         out = capsys.readouterr().out
         evals = [json.loads(line) for line in open(run / "metrics.jsonl") if "eval/accuracy" in line]
         assert evals[0]["step"] == 0 and evals[-1]["eval/accuracy"] >= 0.8, (name, evals)

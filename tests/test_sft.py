@@ -122,10 +122,10 @@ def test_jaxlm_finetune_sft_runs_end_to_end_and_lowers_the_loss(tmp_path, capsys
     pairs = [("What is your name?", "I am a bot."), ("How are you?", "Fine, thanks."), ("Hi", "Hello there.")]
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs * 12))
     argv = ["finetune", "sft_tiny", f"finetune.data={data}", f"train.run_dir={tmp_path}/run", "train.steps=12",
-            "train.seq_len=48", "train.progress=False", "model.vocab_size=384", "model.d_model=32",
+            "train.seq_len=48", "train.progress=False", "finetune.drop_repeats=False", "model.vocab_size=384", "model.d_model=32",
             "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1", "model.mlp_dim=64",
             "optim.lr=1e-2", "optim.warmup_steps=1", "data.eval_fraction=0.25", f"data.cache_dir={tmp_path}/cache",
-            "lora.dropout=0.1"]
+            "lora.dropout=0.1", "lora.targets=('attn/(q|k|v|o)$','mlp/(gate|up|down)$')"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     before, after = [float(x) for x in out.split("eval loss ")[1].split()[0:3:2]]

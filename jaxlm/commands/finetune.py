@@ -30,9 +30,9 @@ def run(args) -> int:
     return run_task(args, "sft")
 
 
-def run_task(args, default: str, only: str = "") -> int:
-    """Loads the config (a pretraining one gets task=`default`), refuses a task other than `only` when
-    given, then prints it (--print-config) or runs it: `jaxlm finetune` and `jaxlm rl`."""
+def run_task(args, default: str, only: tuple[str, ...] = ()) -> int:
+    """Loads the config (a pretraining one gets task=`default`), refuses a task not in `only` when given,
+    then prints it (--print-config) or runs it: `jaxlm finetune` and `jaxlm rl`."""
     from jaxlm.core import overrides
     from jaxlm.core.config import ConfigError
 
@@ -41,8 +41,8 @@ def run_task(args, default: str, only: str = "") -> int:
         import dataclasses
 
         config = dataclasses.replace(config, task=default)
-    if only and config.task != only:
-        raise ConfigError(f"this command runs task={only}, not task={config.task}; use jaxlm finetune for it")
+    if only and config.task not in only:
+        raise ConfigError(f"this command runs task={' or '.join(only)}, not task={config.task}; use jaxlm finetune for it")
     if args.print_config:
         import json
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import typing
 from typing import Any, Literal
 
@@ -130,6 +131,10 @@ class ModelConfig:
     # 0: a language model (the vocabulary head). N > 0: a sequence classifier whose head `score` (N, D) reads
     # each position's hidden state, as Hugging Face's *ForSequenceClassification; 1 is a reward model.
     num_labels: int = ranged(0, ge=0)
+    # A PPO critic beside the language model's head: `value` (1, D) reads each position's final hidden state
+    # (without moving it: its loss trains the head alone); the values are sown as intermediates "values"
+    # (jaxlm.training.objectives.per_token_losses reads them).
+    value_head: bool = False
     sliding_window: int = ranged(0, ge=0)  # 0 means full causal attention
     init_std: float = ranged(0.02, gt=0)
     scan_layers: bool = True
@@ -377,18 +382,18 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """`jaxlm rl` (task=grpo): learning from rewards on sampled completions (jaxlm/training/grpo.py)."""
+    """`jaxlm rl` (task=grpo or ppo): learning from rewards on sampled completions (jaxlm/training/rl.py)."""
 
-    # JSONL: {"prompt": text or messages, ...}; the whole row goes to the reward functions. kjv:verses is the
-    # built-in task (jaxlm/data/verses.py), scored by jaxlm.data.verses:continuation_f1.
+    # JSONL: {"prompt": text or messages, ...}; the whole row goes to the reward functions. Built-in tasks:
+    # kjv:words (jaxlm/data/words.py, scored by jaxlm.data.words:bible_words) and kjv:verses (verses.py).
     prompts: str = ""
     reward: tuple[str, ...] = ()  # MODULE:FUNCTION reward functions, summed; fn(prompt=row, completion=text)
     reward_model: str = ""  # a reward-model run directory (task=reward): its score is added to the functions' sum
-    group_size: int = ranged(4, ge=2)  # completions per prompt; train.batch_size = prompts per rollout x this
+    group_size: int = ranged(4, ge=1)  # completions per prompt (GRPO: 2 or more); train.batch_size = prompts x this
     max_new_tokens: int = ranged(32, ge=1)
     temperature: float = ranged(1.0, gt=0)
     iterations: int = ranged(1, ge=1)  # optimizer updates per rollout batch (each a train step)
-    beta: float = ranged(0.04, ge=0)  # KL (k3) penalty to the reference
+    beta: float = ranged(0.04, ge=0)  # KL to the reference: GRPO's k3 penalty in the loss; PPO's per token in the reward
     epsilon: float = ranged(0.2, gt=0, lt=1)  # the ratio's clip below (and above unless epsilon_high)
     epsilon_high: float = ranged(0.0, ge=0)  # DAPO's higher upper clip; 0 means epsilon
     # grpo: each completion's token mean, std-normalised advantages; dr_grpo: token sums over max_new_tokens,
@@ -397,6 +402,12 @@ class RLConfig:
     drop_zero_variance: bool = False  # groups whose rewards are all equal (no signal) take no part
     reward_timeout: float = ranged(30.0, gt=0)  # seconds for one group's calls
     max_failed_fraction: float = ranged(0.2, ge=0, le=1)  # of groups whose rewards failed, before stopping
+    # PPO (task=ppo): GAE over the completion's tokens against the value head (model.value_head), whose
+    # loss is clipped to old value +- value_clip and weighted by vf_coef beside the policy's.
+    gamma: float = ranged(1.0, ge=0, le=1)
+    lam: float = ranged(0.95, ge=0, le=1)
+    value_clip: float = ranged(0.2, gt=0)
+    vf_coef: float = ranged(0.1, ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +417,9 @@ class FinetuneConfig:
     data: str = "chatterbot:english"
     chat_template: str = ""  # a jinja file; empty uses the base model's template, else a ChatML template
     pack: bool = True  # SFT: pack several conversations into one row (attention and loss stay per conversation)
+    # Skip (and count) exact repeats of an earlier row: trained on several times per epoch and split across
+    # train and held-out, they make the held-out loss measure memorisation.
+    drop_repeats: bool = True
     beta: float = ranged(0.1, gt=0)  # DPO temperature
     reference: str = ""  # DPO reference: a jaxlm run directory; empty uses the starting model, frozen
     save_merged: bool = True  # also write the merged model as a jaxlm checkpoint (for generate and export)
@@ -450,7 +464,7 @@ class Config:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     train: TrainConfig = TrainConfig()
-    task: Literal["pretrain", "sft", "dpo", "reward", "grpo"] = "pretrain"  # all but pretrain run `jaxlm finetune`
+    task: Literal["pretrain", "sft", "dpo", "reward", "grpo", "ppo"] = "pretrain"  # all but pretrain run `jaxlm finetune`
     lora: LoraConfig = LoraConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     rl: RLConfig = RLConfig()
@@ -486,19 +500,39 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"task={config.task} with model.num_labels={m.num_labels}: a reward model (task=reward) "
                           "has model.num_labels=1, and only a reward model has a score head (no task trains "
                           "a classifier of more labels)")
-    if config.task == "grpo" and t.batch_size % config.rl.group_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.group_size={config.rl.group_size} "
-                          "(each rollout samples batch_size / group_size prompts)")
-    if config.task == "grpo" and not (config.rl.reward or config.rl.reward_model):
-        raise ConfigError("task=grpo needs rl.reward (MODULE:FUNCTION reward functions) and/or rl.reward_model "
-                          "(a reward-model run directory)")
-    if config.task == "grpo" and t.steps % config.rl.iterations:
-        raise ConfigError(f"train.steps={t.steps} must be a multiple of rl.iterations={config.rl.iterations}")
+    if config.task in RL_TASKS:
+        check_rl(config)
+    elif m.value_head:
+        raise ConfigError(f"model.value_head is PPO's critic; task={config.task} does not train it (use task=ppo)")
     lo = config.lora
     if lo.quantize != "none" and not lo.targets:
         raise ConfigError(f"lora.quantize={lo.quantize} needs LoRA targets (a quantized base cannot be trained); "
                           f"set lora.targets, e.g. lora.targets='(\"attn/(q|v)$\",)'")
     return config
+
+
+RL_TASKS = ("grpo", "ppo")  # `jaxlm rl`
+
+
+def check_rl(config: Config) -> None:
+    """One-line errors for a GRPO or PPO run that cannot work."""
+    rl, t, task = config.rl, config.train, config.task
+    if t.batch_size % rl.group_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of rl.group_size={rl.group_size} "
+                          "(each rollout samples batch_size / group_size prompts)")
+    if task == "grpo" and rl.group_size < 2:
+        raise ConfigError("task=grpo compares completions within a group: rl.group_size must be 2 or more")
+    if not (rl.reward or rl.reward_model):
+        raise ConfigError(f"task={task} needs rl.reward (MODULE:FUNCTION reward functions) and/or rl.reward_model "
+                          "(a reward-model run directory)")
+    if t.steps % rl.iterations:
+        raise ConfigError(f"train.steps={t.steps} must be a multiple of rl.iterations={rl.iterations}")
+    if (task == "ppo") != config.model.value_head:
+        raise ConfigError(f"task={task} with model.value_head={config.model.value_head}: PPO, and only PPO, "
+                          "trains a value head (set model.value_head=True with task=ppo)")
+    targets = config.lora.targets
+    if task == "ppo" and targets and not any(re.search(x, "value") for x in targets):
+        raise ConfigError("a LoRA PPO run must train its value head: add '^value$' to lora.targets")
 
 
 def check_moe(m: ModelConfig, mesh: MeshConfig) -> None:

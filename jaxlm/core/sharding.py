@@ -123,5 +123,25 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     }
 
 
+def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays sharded over the batch axes from a whole batch that every process holds alike (GRPO's
+    rollouts): each process places its own rows."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, v.shape)
+            for k, v in batch.items()}
+
+
+def local_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, np.ndarray]:
+    """This process's share of a whole batch that every process holds alike: the rows `global_batch` takes
+    from it to rebuild that batch (all of them with one process)."""
+    if jax.process_count() == 1:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        indices = batch_sharding(mesh, v.ndim).addressable_devices_indices_map(v.shape).values()
+        spans = sorted({(i[0].start or 0, v.shape[0] if i[0].stop is None else i[0].stop) for i in indices})
+        out[k] = np.concatenate([v[a:b] for a, b in spans])
+    return out
+
+
 def batch_divisor(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))

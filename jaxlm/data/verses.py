@@ -3,9 +3,9 @@
 Each prompt is the first part of a verse ("Continue the verse: In the beginning God created"); the reward is
 the unigram F1 of the completion's first words against the verse's next words ("the heaven and the earth"),
 lower-cased and without punctuation, so partial answers earn partial credit and words off the verse cost
-precision. A tiny model pretrained on the Bible can do better than chance here and improve with
-practice: the task `jaxlm rl` uses by default (`rl.prompts=kjv:verses`,
-`rl.reward=("jaxlm.data.verses:continuation_f1",)`).
+precision. A tiny model pretrained on the Bible does better than chance here but improves slowly (about
+0.10 to 0.12 in 80 GRPO steps), so the presets use `kjv:words` (jaxlm/data/words.py) instead; this one is
+`rl.prompts=kjv:verses`, `rl.reward=("jaxlm.data.verses:continuation_f1",)`.
 """
 
 from __future__ import annotations

@@ -155,17 +155,27 @@ class Generator:
         rng, sub = jax.random.split(rng)
         with self._on_mesh():
             token, logp, cache, valid, seen = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(pad), cache, sub)
-        yield (np.asarray(token), np.asarray(logp)) if logprobs else np.asarray(token)
+        yield (_fetch(token), _fetch(logp)) if logprobs else _fetch(token)
         for i in range(1, s.max_new_tokens):
             rng, sub = jax.random.split(rng)
             with self._on_mesh():
                 token, logp, cache, valid, seen = self._step(
                     self.params, cache, token, jnp.int32(p + i - 1), jnp.asarray(pad), valid, seen, sub)
-            yield (np.asarray(token), np.asarray(logp)) if logprobs else np.asarray(token)
+            yield (_fetch(token), _fetch(logp)) if logprobs else _fetch(token)
 
     def _on_mesh(self):
         # Entered around each call rather than across the yields, so the caller's code never runs under it.
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """The whole of `x` on this host. On a mesh spanning several processes the rows are split over hosts: every
+    process takes part in gathering them (each host's caller gets every row, as with one process)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def complete(generator: Generator, tokenizer: Tokenizer, texts: list[str], stops: tuple[str, ...] = (),

@@ -204,6 +204,8 @@ class Transformer(nn.Module):
         if shards > 1:
             x_btd = constrain(jnp.take(x_btd, context_parallel.inverse_order(zigzag), axis=1), BTD)
         x_btd = norm(c, "final_norm")(x_btd)
+        if c.value_head:
+            self._values(x_btd)
         head_vd = self._head(embed)
         if hidden:
             return x_btd, head_vd.astype(dt)
@@ -211,6 +213,18 @@ class Transformer(nn.Module):
         logits_btv = constrain(logits_btv.astype(jnp.float32), BTV)
         return logits_btv if cache is None else (logits_btv, cache)
 
+
+    def _values(self, x_btd) -> None:
+        """A PPO critic's value of every position, float32 (B, T), sown as intermediates "values" so that one
+        forward pass gives the objective both the policy's logits and the critic's values. The critic reads
+        the policy's final hidden states without moving them: its loss trains the head alone (on the tiny
+        model, a critic whose gradient also moved the shared backbone undid the policy's learning)."""
+        c = self.config
+        w_1d = weight(self, "value", (1, c.d_model), ("labels", "embed"), c)
+        if isinstance(w_1d, LowRank):
+            w_1d = w_1d.w + dense(w_1d.a, w_1d.b)
+        values = dense(jax.lax.stop_gradient(x_btd), w_1d.T.astype(x_btd.dtype))[..., 0].astype(jnp.float32)
+        self.sow("intermediates", "values", values)
 
     def _head(self, embed: nn.Embed):
         """The output head (V, D): the vocabulary's, or a classifier's (num_labels, D)."""

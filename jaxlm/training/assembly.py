@@ -160,10 +160,10 @@ def _dpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Object
     return dpo.objective(apply_fn, config.finetune.beta, dropout, config.train.loss_chunks)
 
 
-def _grpo(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
-    from jaxlm.training import grpo
+def _rl(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
+    from jaxlm.training import rl
 
-    return grpo.objective(apply_fn, config, dropout)
+    return rl.objective(apply_fn, config, dropout)
 
 
 def _reward(config: Config, apply_fn: Callable, dropout: bool) -> objectives.Objective:
@@ -177,7 +177,7 @@ def _next_token(config: Config, apply_fn: Callable, dropout: bool) -> objectives
 
 
 # task -> objective(config, apply_fn, dropout). A new training mode is a new entry here, not a new step.
-OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo, "reward": _reward, "grpo": _grpo}
+OBJECTIVES: dict[str, Callable] = {"pretrain": _next_token, "sft": _next_token, "dpo": _dpo, "reward": _reward, "grpo": _rl, "ppo": _rl}
 
 
 def step_function(spec: ModelSpec, objective_: objectives.Objective):

@@ -17,6 +17,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.core import atomic, overrides, rundir, sharded_init
@@ -111,7 +112,7 @@ def resolve(config: Config) -> Config:
     if not start.base:
         return config
     # The run chooses its head (a reward model starts from a language model): `load_params` swaps it.
-    head = {"num_labels": config.model.num_labels}
+    head = {"num_labels": config.model.num_labels, "value_head": config.model.value_head}
     if is_hf(start.base):
         # Resolved as the base's own task (its head decides which), then given this run's task and head.
         as_base = dataclasses.replace(config, task="reward" if _base_labels(start.base) == 1 else "pretrain")
@@ -140,13 +141,16 @@ def load_params(config: Config, model, mesh, progress: bool = True):
     ref = parse(config.model.init_from).base
     if not ref:
         return None
-    labels = _base_labels(ref)
-    base_model = dataclasses.replace(config.model, init_from="", num_labels=labels)
+    labels, value = _base_labels(ref), not is_hf(ref) and _run_config(directory(ref)).model.value_head
+    base_model = dataclasses.replace(config.model, init_from="", num_labels=labels, value_head=value)
+    same = (labels, value) == (config.model.num_labels, config.model.value_head)
     if is_hf(ref):
         params = importer.load_params(directory(ref), base_model, mesh, progress=progress)
     else:
-        params = run_params(directory(ref), model if labels == config.model.num_labels else Transformer(base_model), mesh)
-    return params if labels == config.model.num_labels else new_head(params, model, mesh, config.train.seed)
+        params = run_params(directory(ref), model if same else Transformer(base_model), mesh)
+    if labels != config.model.num_labels:
+        params = new_head(params, model, mesh, config.train.seed)
+    return params if value == config.model.value_head else value_head(params, model, mesh)
 
 
 def new_head(params: dict, model, mesh, seed: int) -> dict:
@@ -162,6 +166,17 @@ def new_head(params: dict, model, mesh, seed: int) -> dict:
     init = jax.jit(lambda key: model.config.init_std * jax.random.normal(key, shape.shape, shape.dtype),
                    out_shardings=sharding)
     return {**params, "score": init(jax.random.fold_in(jax.random.key(seed), 0x5C0E))}
+
+
+def value_head(params: dict, model, mesh) -> dict:
+    """`params` with `model`'s value head (PPO's critic): a zero `value` on its shards (every value 0 at the
+    start), or none."""
+    params = {k: v for k, v in params.items() if k != "value"}
+    if not model.config.value_head:
+        return params
+    sharding = tree_shardings(sharded_init.boxed_params(model), mesh)["value"]
+    shape = sharded_init.abstract_params(model)["value"]  # (1, D)
+    return {**params, "value": jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()}
 
 
 def run_model(ref: str, mesh) -> tuple[Transformer, dict]:

@@ -79,7 +79,7 @@ def sequence_logps(apply_fn: Callable, params, batch: dict, rng=None, dropout: b
     """{side: (B,) summed log-probs of the response tokens}, both sides in one forward pass."""
     cat = lambda key: jnp.concatenate([batch[f"{s}_{key}"] for s in SIDES])
     both = {k: cat(k) for k in ("inputs", "positions", "segment_ids")}
-    _, nll, router = per_token_losses(apply_fn, params, both, cat("targets"), rng, dropout, loss_chunks)
+    _, nll, router, _ = per_token_losses(apply_fn, params, both, cat("targets"), rng, dropout, loss_chunks)
     logp = -jnp.sum(nll * cat("mask").astype(jnp.float32), axis=-1)
     b = batch["chosen_inputs"].shape[0]
     return {"chosen": logp[:b], "rejected": logp[b:], "router": router}

@@ -24,12 +24,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm.core import atomic, rundir
-from jaxlm.core.config import Config, ConfigError
+from jaxlm.core.config import RL_TASKS, Config, ConfigError
 from jaxlm.core.overrides import to_dict
 from jaxlm.core.sharding import global_batch
 from jaxlm.data import chat, packing, pipeline, tokenizer as tokenizer_lib
 from jaxlm.model import lora as lora_lib
-from jaxlm.training import assembly, base, dpo, grpo, reward, sft
+from jaxlm.training import assembly, base, dpo, reward, rl, sft
 from jaxlm.training.checkpoint import save_params
 from jaxlm.training.evaluate import Evaluator
 from jaxlm.training.loop import LoopResult
@@ -101,10 +101,11 @@ PAIRS = {"dpo": dpo.build_rows, "reward": reward.build_rows}
 
 def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int):
     """(train rows, eval rows or None, report): arrays with a leading row axis, for the grain iterator."""
+    report = sft.Report()
     rows = read_rows(config)
+    rows = sft.drop_repeats(rows, report) if config.finetune.drop_repeats else rows
     order = np.random.default_rng(config.train.seed).permutation(len(rows))
     rows = [rows[i] for i in order]
-    report = sft.Report()
     encode = lambda text: list(tokenizer.encode(text))
     if config.task in PAIRS:
         data = PAIRS[config.task](rows, template, encode, seq_len, report)
@@ -147,10 +148,10 @@ def _reference(config: Config, rows: list, mesh, batch_size: int, progress: bool
 
 
 def finetune(config: Config, sampler=None) -> FinetuneSummary:
-    """Finetunes per `config` (config.task is sft, dpo, reward or grpo), resuming from the run's latest
-    checkpoint. GRPO samples with `sampler` (`jaxlm.inference.generate.Generator`, from the command)."""
-    if config.task not in ("sft", "dpo", "reward", "grpo"):
-        raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft, dpo, reward or grpo")
+    """Finetunes per `config` (config.task is sft, dpo, reward, grpo or ppo), resuming from the run's latest
+    checkpoint. GRPO and PPO sample with `sampler` (`jaxlm.inference.generate.Generator`, from the command)."""
+    if config.task not in ("sft", "dpo", "reward", *RL_TASKS):
+        raise ConfigError(f"task={config.task!r}: jaxlm finetune runs task=sft, dpo or reward, jaxlm rl grpo or ppo")
     config = base.resolve(config)
     run_dir = run_dir_of(config)
     model_dir = rundir.checkpoint_dir(run_dir, config.checkpoint.dir)  # what generate and export read
@@ -166,8 +167,8 @@ def finetune(config: Config, sampler=None) -> FinetuneSummary:
     bos_first = not tok.special_tokens_in_text and tok.bos_id() >= 0
     template = chat.load(config.finetune.chat_template, base.template_dir(config),
                          prefix_ids=(tok.bos_id(),) if bos_first else ())
-    if config.task == "grpo":
-        train_rows, report = grpo.load_prompts(config, template, lambda text: list(tok.encode(text)))
+    if config.task in RL_TASKS:
+        train_rows, report = rl.load_prompts(config, template, lambda text: list(tok.encode(text)))
         eval_rows = None
         log.info("prompts %s: %s", config.rl.prompts, report.summary())
     else:
@@ -177,14 +178,14 @@ def finetune(config: Config, sampler=None) -> FinetuneSummary:
     with jax.set_mesh(mesh):
         done = latest is not None and latest >= t.steps
         dpo_refs = config.task == "dpo" and not done
-        need_base = spec.lora is not None or dpo_refs or latest is None or config.task == "grpo"
+        need_base = spec.lora is not None or dpo_refs or latest is None or config.task in RL_TASKS
         params = base.load_params(config, spec.model, mesh, t.progress) if need_base else None
         # GRPO's reference is the starting model: a full finetune keeps a copy (a LoRA one turns its adapters off).
-        ref = jax.tree.map(jax.numpy.copy, params) if config.task == "grpo" and spec.lora is None else None
+        ref = jax.tree.map(jax.numpy.copy, params) if config.task in RL_TASKS and spec.lora is None else None
         fill = _reference(config, [train_rows, eval_rows], mesh, t.batch_size, t.progress and primary) if dpo_refs else None
         run = assembly.assemble(spec, mesh, ckpt_dir, params, fill and (lambda state: fill(state, spec)))
         del params
-        if config.task == "grpo" and spec.lora is None and ref is None:  # random start: the seed's own weights
+        if config.task in RL_TASKS and spec.lora is None and ref is None:  # random start: the seed's own weights
             ref = assembly.initial_state(spec, run.abstract, mesh).params
         if done and run.start < t.steps and config.task == "dpo":  # the latest step was damaged and set aside
             run.ckpt.close()
@@ -202,8 +203,8 @@ def finetune(config: Config, sampler=None) -> FinetuneSummary:
                 tokenizer_lib.copy_into(tok_path, rd.directory)
                 atomic.write_text(rd.path(rundir.CHAT_TEMPLATE), template.source)
                 base.copy_files(config, rd.directory)
-            if config.task == "grpo":
-                result, state = _train_grpo(run, rd, train_rows, tok, ref, sampler)
+            if config.task in RL_TASKS:
+                result, state = _train_rl(run, rd, train_rows, tok, ref, sampler)
             else:
                 result, state = _train(run, rd, train_rows, evaluate, eval_before)
         else:
@@ -243,15 +244,15 @@ def _train(run, rd, rows, evaluate, eval_before):
     return result, state
 
 
-def _train_grpo(run, rd, prompts, tokenizer, ref, sampler):
-    """GRPO's loop: the batches are rollouts of the policy being trained (`grpo.RolloutSource`)."""
+def _train_rl(run, rd, prompts, tokenizer, ref, sampler):
+    """GRPO's and PPO's loop: the batches are rollouts of the policy being trained (`rl.RolloutSource`)."""
     writer = MetricsWriter(rd.directory)
-    source = grpo.RolloutSource(run, prompts, tokenizer, ref, rd.directory, writer, sampler)
+    source = rl.RolloutSource(run, prompts, tokenizer, ref, rd.directory, writer, sampler)
     try:
         first = global_batch(next(source), run.mesh)
         compiled = assembly.compile_step(run.spec, assembly.objective(run.spec.config, run.spec), run.state, first)
         state, result = assembly.run_loop(run, rd.directory, compiled, first, source, None, writer,
-                                          extra_hooks=(grpo.Follow(source),))
+                                          extra_hooks=(rl.Follow(source),))
     finally:
         source.close()
     return result, state

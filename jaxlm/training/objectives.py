@@ -16,7 +16,7 @@ Pretraining's next-token loss is here; SFT's and DPO's live beside their data (`
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +43,26 @@ def forward(apply_fn: Callable, params, batch, rng=None, dropout: bool = False, 
                     batch[f"{prefix}segment_ids"], **kwargs)
 
 
+class TokenLosses(NamedTuple):
+    logz: jax.Array  # (B, T) float32 logsumexp of the logits
+    nll: jax.Array  # (B, T) float32 -log p(target)
+    router: dict | None  # a mixture-of-experts model's router statistics (`moe.collect_stats`); None if dense
+    values: jax.Array | None  # (B, T) float32 a value head's (model.value_head, PPO); None without one
+
+
 def per_token_losses(apply_fn: Callable, params, batch, targets, rng=None, dropout: bool = False,
-                     loss_chunks: int = 0):
-    """Per-token (logsumexp, -log p(target)) for `batch`, float32 (B, T) each, and the router statistics of
-    a mixture-of-experts model (`jaxlm.model.moe.collect_stats`; None for a dense one). The logits are
-    formed whole, or that many sequence pieces at a time (`losses.tiled_token_losses`); `loss_chunks=0`
-    decides by their size per device."""
+                     loss_chunks: int = 0) -> TokenLosses:
+    """Per-token losses of `batch` and what the same forward pass sows (router statistics, values). The
+    logits are formed whole, or that many sequence pieces at a time (`losses.tiled_token_losses`);
+    `loss_chunks=0` decides by their size per device."""
     (h_btd, head_vd), state = forward(apply_fn, params, batch, rng, dropout, hidden=True, mutable=["intermediates"])
-    router = moe.collect_stats(state.get("intermediates", {}))
+    sown = state.get("intermediates", {})
+    router = moe.collect_stats({k: v for k, v in sown.items() if k != "values"})
+    values = sown["values"][0] if "values" in sown else None
     chunks = resolve_chunks(loss_chunks, *targets.shape, head_vd.shape[0])
     if chunks == 1:
-        return (*token_losses(head_logits(h_btd, head_vd), targets), router)
-    return (*tiled_token_losses(h_btd, head_vd, targets, chunks), router)
+        return TokenLosses(*token_losses(head_logits(h_btd, head_vd), targets), router, values)
+    return TokenLosses(*tiled_token_losses(h_btd, head_vd, targets, chunks), router, values)
 
 
 def router_terms(router: dict | None, weight) -> tuple[jax.Array, dict]:
@@ -78,7 +86,7 @@ def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False, l
     SFT's mask marks the assistant's tokens only)."""
 
     def loss(params, batch, rng):
-        logz, nll, router = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, loss_chunks)
+        logz, nll, router, _ = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, loss_chunks)
         nll, zl, count = masked_sums(logz, nll, batch["loss_mask"], z_loss)
         tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
         penalty, router_metrics = router_terms(router, count)

@@ -96,7 +96,7 @@ def rlhf_rewards(score_b: jax.Array, logp, ref_logp, mask, kl_coef: float) -> ja
     """Per-token rewards (B, T): -kl_coef * (logp - ref_logp) on every completion token, plus the reward
     model's score on the last one."""
     m = mask.astype(jnp.float32)
-    last = jnp.maximum(m.sum(axis=1).astype(jnp.int32) - 1, 0)
+    last = mask.shape[1] - 1 - jnp.argmax(m[:, ::-1], axis=1)  # the last masked position (after the prompt's)
     at_end = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * score_b[:, None]
     return (-kl_coef * (logp - ref_logp) + at_end) * m
 
@@ -106,3 +106,29 @@ def value_loss(values, old_values, returns, mask, clip: float) -> jax.Array:
     clipped = old_values + jnp.clip(values - old_values, -clip, clip)
     per_token = 0.5 * jnp.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return (per_token * mask.astype(jnp.float32)).sum()
+
+
+def whiten(x, mask, eps: float = 1e-8) -> jax.Array:
+    """x normalised to mean 0 and std 1 over the masked entries (PPO's advantages, batch-wide); 0 elsewhere."""
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / n
+    return (x - mean) * jax.lax.rsqrt(var + eps) * m
+
+
+def ppo_loss(logp, old_logp, ref_logp, advantages, values, old_values, returns, mask, eps_low: float,
+             eps_high: float, value_clip: float, vf_coef: float) -> tuple[jax.Array, dict]:
+    """(summed loss, metrics of sums with "weight" = completion tokens) of PPO for one batch: the clipped
+    per-token surrogate with per-token (GAE) advantages, plus vf_coef times the clipped value loss. The KL to
+    the reference is already in the rewards (`rlhf_rewards`); "kl" here (k3) is a diagnostic."""
+    m = mask.astype(jnp.float32)
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    policy = (surrogate * m).sum()
+    critic = value_loss(values, old_values, returns, mask, value_clip)
+    value_clipped = jnp.abs(values - old_values) > value_clip
+    total = policy + vf_coef * critic
+    metrics = {"loss": total, "weight": m.sum(), "tokens": m.sum(), "policy_loss": policy, "value_loss": critic,
+               "kl": (kl_k3(logp, ref_logp) * m).sum(), "clip_fraction": (clipped * m).sum(),
+               "value_clip_fraction": (value_clipped * m).sum()}
+    return total, metrics

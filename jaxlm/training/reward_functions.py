@@ -7,6 +7,8 @@ A function is called as fn(prompt=<the prompt row>, completion=<text>) and must 
 of its own, so that a function that hangs can be stopped. A group where any call raises, returns a
 non-number or NaN/inf, or outlasts `timeout` seconds is dropped and counted by reason; training goes on
 until more than `max_failed_fraction` of all groups scored so far have failed, then `RewardError` stops it.
+With several processes (multi-host training), process 0 runs the functions and every process takes its
+results, so that the hosts train on the same rewards and stop together.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
+import json
 import math
 import multiprocessing
 import numbers
@@ -61,6 +64,31 @@ def _score_group(specs: tuple[str, ...], prompt, completions: list[str]) -> tupl
     return rewards, ""
 
 
+def _process_index() -> int:
+    import jax  # not at the top: the worker imports this module and needs no JAX
+
+    return jax.process_index()
+
+
+def _from_process_0(rewards: np.ndarray, ok: np.ndarray, failed: collections.Counter):
+    """Process 0's (rewards, ok, failed) on every process. Rewards must agree on every host, and a timeout, or
+    a function that is not deterministic, would tell hosts apart. Sent as JSON (exact for float32 values)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return rewards, ok, failed
+    from jax.experimental import multihost_utils
+
+    mine = json.dumps({"rewards": rewards.tolist(), "ok": ok.tolist(), "failed": dict(failed)}).encode()
+    data = np.frombuffer(mine, np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[:data.size] = data
+    got = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
+    return (np.asarray(got["rewards"], np.float32), np.asarray(got["ok"], bool),
+            collections.Counter(got["failed"]))
+
+
 @dataclasses.dataclass
 class Scored:
     rewards: np.ndarray  # (P, G) float32; rows of dropped groups are 0
@@ -101,17 +129,19 @@ class Scorer:
         failed: collections.Counter = collections.Counter()
         if not self.specs:  # no functions (a reward model alone scores): nothing to run or to fail
             return Scored(rewards, ~ok, failed)
-        for i, (prompt, group) in enumerate(zip(prompts, completions)):
-            job = self._worker().apply_async(_score_group, (self.specs, prompt, group))
-            try:
-                values, why = job.get(timeout=self.timeout)
-            except multiprocessing.TimeoutError:
-                self.close()  # the only way to stop a call that hangs
-                values, why = None, "timed out"
-            if values is None:
-                failed[why] += 1
-            else:
-                rewards[i, :len(values)], ok[i] = values, True
+        if _process_index() == 0:  # with several processes, process 0 scores and every process takes its results
+            for i, (prompt, group) in enumerate(zip(prompts, completions)):
+                job = self._worker().apply_async(_score_group, (self.specs, prompt, group))
+                try:
+                    values, why = job.get(timeout=self.timeout)
+                except multiprocessing.TimeoutError:
+                    self.close()  # the only way to stop a call that hangs
+                    values, why = None, "timed out"
+                if values is None:
+                    failed[why] += 1
+                else:
+                    rewards[i, :len(values)], ok[i] = values, True
+        rewards, ok, failed = _from_process_0(rewards, ok, failed)
         self.groups += len(prompts)
         self.failures.update(failed)
         lost = sum(self.failures.values())
