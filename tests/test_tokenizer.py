@@ -122,3 +122,28 @@ def test_bad_files_are_clear_errors(files, tmp_path):
         tokenizer_lib.load(str(tmp_path / "no_eos.json"))
     shutil.copyfile(tmp_path / "no_eos.json", tmp_path / rundir.TOKENIZER_JSON)
     assert tokenizer_lib.load_for_run(str(tmp_path)).eos_id() == -1  # generation from such a model still works
+
+
+def test_extra_ids_are_t5s_sentinels_at_the_end_of_the_vocabulary(tmp_path, capsys):
+    """`jaxlm tokenizer train --extra-ids 8`: 8 of the 600 pieces are <extra_id_7> .. <extra_id_0>, the last
+    id being <extra_id_0> (denoise.t5_sentinels), each one piece wherever it appears in text."""
+    from jaxlm import cli
+    from jaxlm.data import corpus, denoise
+
+    with open(corpus.bible_path(), encoding="utf-8") as f:
+        text = [json.loads(line)["text"] for _, line in zip(range(3000), f)]
+    (tmp_path / "kjv.txt").write_text("\n".join(text) + "\n")
+    out = str(tmp_path / "t5.model")
+    assert cli.main(["tokenizer", "train", str(tmp_path / "kjv.txt"), "--out", out, "--vocab-size", "600",
+                     "--extra-ids", "8"]) == 0
+    assert "the last 8 <extra_id_N>" in capsys.readouterr().out
+    tok = tokenizer_lib.load(out)
+    assert tok.vocab_size() == 600
+    import sentencepiece as spm
+
+    ids = [spm.SentencePieceProcessor(model_file=out).piece_to_id(f"<extra_id_{i}>") for i in range(8)]
+    assert ids == denoise.t5_sentinels(600, 8) == list(range(599, 591, -1))
+    encoded = list(tok.encode("In the beginning <extra_id_3> the earth."))
+    assert ids[3] in encoded and tok.decode(encoded) == "In the beginning <extra_id_3> the earth."
+    with pytest.raises(ConfigError, match="under half the vocabulary"):
+        tokenizer_lib.train(text, 600, "bpe", str(tmp_path / "bad.model"), extra_ids=300)

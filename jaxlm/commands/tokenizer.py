@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxlm.commands.args import COUNT, like
+from jaxlm.commands.args import COUNT, bounded, like
 from jaxlm.core.config import ConfigError, PrepareConfig
 
 
@@ -19,6 +19,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="JSONL key or Parquet column holding the text")
     p.add_argument("--max-sentences", type=COUNT, default=2_000_000,
                    help="train on a random sample of this many lines")
+    p.add_argument("--extra-ids", type=bounded(int, ge=0, le=1000), default=0,
+                   help="make the last N of the --vocab-size pieces T5's sentinels <extra_id_0>..<extra_id_N-1> "
+                        "(<extra_id_0> the last id), for span corruption")
     p.set_defaults(func=train)
 
 
@@ -34,9 +37,11 @@ def train(args) -> int:
              for line in normalize.normalize(doc).split("\n") if line.strip())
     start = time.perf_counter()
     try:
-        tokenizer.train(lines, args.vocab_size, args.type, args.out, max_sentences=args.max_sentences)
+        tokenizer.train(lines, args.vocab_size, args.type, args.out, max_sentences=args.max_sentences,
+                        extra_ids=args.extra_ids)
     except RuntimeError as e:
         raise ConfigError(f"sentencepiece could not train a {args.vocab_size}-piece tokenizer: {e}") from None
-    print(f"wrote {args.out} ({args.type}, {args.vocab_size} pieces, {time.perf_counter() - start:.1f}s, "
+    extra = f", the last {args.extra_ids} <extra_id_N>" if args.extra_ids else ""
+    print(f"wrote {args.out} ({args.type}, {args.vocab_size} pieces{extra}, {time.perf_counter() - start:.1f}s, "
           f"sha256 {tokenizer.file_hash(args.out)})")
     return 0

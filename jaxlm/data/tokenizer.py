@@ -239,24 +239,45 @@ def file_hash(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def train(docs, vocab_size: int, model_type: str, path: str, max_sentences: int = 0) -> None:
+def train(docs, vocab_size: int, model_type: str, path: str, max_sentences: int = 0, extra_ids: int = 0) -> None:
     """Trains a sentencepiece model and writes it atomically to `path`.
 
     Settings that suit CJK as well as English: byte fallback (no unknown tokens, any script), 99.95%
     character coverage (rare Han characters fall back to bytes instead of bloating the vocabulary),
     digits split one per token, no normalisation (data preparation already did it). `max_sentences`
-    > 0 trains on a random sample of that many documents.
+    > 0 trains on a random sample of that many documents. `extra_ids` > 0 makes the last that many of the
+    `vocab_size` pieces T5's sentinels, `<extra_id_0>` the very last (`with_extra_ids`).
     """
+    if not 0 <= extra_ids < vocab_size // 2:
+        raise ConfigError(f"extra ids {extra_ids} must be at least 0 and under half the vocabulary ({vocab_size})")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), input_sentence_size=max_sentences, shuffle_input_sentence=True, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=iter(docs), input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        model_writer=model, vocab_size=vocab_size - extra_ids, model_type=model_type,
         byte_fallback=True, character_coverage=0.9995, split_digits=True, normalization_rule_name="identity",
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
-        f.write(model.getvalue())
+        f.write(with_extra_ids(model.getvalue(), extra_ids))
+
+
+def with_extra_ids(model: bytes, count: int) -> bytes:
+    """A serialised sentencepiece model with `count` pieces `<extra_id_{count-1}>` .. `<extra_id_0>` appended
+    (user-defined: each encodes as one piece wherever it appears in text), so that `<extra_id_0>` is the last
+    id, as in T5's vocabulary."""
+    if not count:
+        return model
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    for i in reversed(range(count)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = f"<extra_id_{i}>", 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return proto.SerializeToString()
 
 
 def get(docs: list[str], vocab_size: int, model_type: str, given: str, cache_dir: str) -> tuple[Tokenizer, str]:
