@@ -63,3 +63,24 @@ def test_span_lengths_vary_and_average_the_setting():
 def test_too_few_sentinels_is_one_line():
     with pytest.raises(ConfigError, match="needs 26 sentinel ids for a row but the vocabulary has 10"):
         denoise.span_corruption(np.arange(512), 0, seed=0, sentinels=SENTINELS[:10])
+
+
+def test_mlm_masks_fifteen_percent_eighty_ten_ten_and_never_special_tokens():
+    special = [0, 1, 2, 3]  # pad, [CLS], [SEP], [MASK]
+    mask_id, rng = 3, np.random.default_rng(0)
+    chosen = masked = randomised = kept = 0
+    for index in range(400):
+        tokens = rng.integers(4, 500, size=128)
+        tokens[0], tokens[-1] = 1, 2
+        inputs, loss = denoise.mlm_mask(tokens, index, seed=5, mask_id=mask_id, vocab_size=500, special=special)
+        assert loss.sum() == round(0.15 * 126) and not loss[0] and not loss[-1]  # [CLS] and [SEP] never chosen
+        assert np.array_equal(inputs[loss == 0], tokens[loss == 0])  # only chosen tokens change
+        picked, was = inputs[loss == 1], tokens[loss == 1]
+        chosen, masked = chosen + len(picked), masked + np.sum(picked == mask_id)
+        kept += np.sum(picked == was)
+        randomised += np.sum((picked != mask_id) & (picked != was))
+        assert not np.isin(picked[picked != mask_id], special).any()
+    # 80/10/10, within a few standard errors over ~7,600 chosen tokens (a random token equals the original 1/496)
+    assert abs(masked / chosen - 0.8) < 0.02 and abs(randomised / chosen - 0.1) < 0.015 and abs(kept / chosen - 0.1) < 0.015
+    again = denoise.mlm_mask(tokens, index, seed=5, mask_id=mask_id, vocab_size=500, special=special)
+    assert np.array_equal(again[0], inputs) and np.array_equal(again[1], loss)  # the same after a resume

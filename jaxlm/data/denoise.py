@@ -1,4 +1,5 @@
-"""T5's span corruption, as the T5 paper and its preprocessors define it, on token id arrays.
+"""Denoising objectives' corruption on token id arrays: T5's span corruption, as the T5 paper and its
+preprocessors define it, and BERT's masked-LM masking.
 
 A row of L tokens gets round(L x noise_density) noise tokens in round(noise tokens / mean_span_length)
 spans. The noise and the non-noise tokens are each split into that many non-empty spans at random, and the
@@ -6,8 +7,11 @@ spans alternate, non-noise first. The inputs keep the non-noise spans and put on
 noise span; the targets are each sentinel followed by the span it hides. Sentinels are the vocabulary's extra
 ids, the last ones first: `<extra_id_0>` is the vocabulary's last id (`t5_sentinels`).
 
+BERT's masking (`mlm_mask`) picks `rate` of a row's maskable tokens (never its special ones) for the loss
+and, of those, replaces 80% with the mask id, 10% with a random token and leaves 10% as they are.
+
 Everything drawn for a row follows from (seed, row index), so a pipeline that corrupts row i always corrupts
-it the same way: a resumed run sees the very same spans.
+it the same way: a resumed run sees the very same spans and masks.
 """
 
 from __future__ import annotations
@@ -87,3 +91,24 @@ def uncorrupt(inputs: np.ndarray, targets: np.ndarray, sentinels: Sequence[int])
     for t in inputs.tolist():
         out.extend(hidden.get(t, []) if t in hidden else [t])
     return np.asarray(out, inputs.dtype)
+
+
+def mlm_mask(tokens: np.ndarray, index: int, seed: int, mask_id: int, vocab_size: int, special: Sequence[int] = (),
+             rate: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, loss mask) of row `index` for BERT's masked LM: round(rate x maskable tokens) positions (at
+    least one) chosen uniformly among the tokens not in `special`; of them 80% become `mask_id`, 10% a
+    random non-special id, 10% stay. The targets are `tokens` themselves, read where the loss mask is 1."""
+    rng = np.random.default_rng([seed, index, 1])  # another stream than span corruption's for the same row
+    maskable = np.flatnonzero(~np.isin(tokens, np.asarray(special, tokens.dtype)))
+    if not len(maskable):
+        return tokens.copy(), np.zeros(len(tokens), np.int32)
+    chosen = rng.choice(maskable, max(1, int(round(rate * len(maskable)))), replace=False)
+    kind = rng.random(len(chosen))
+    inputs = tokens.copy()
+    inputs[chosen[kind < 0.8]] = mask_id
+    randomised = chosen[(kind >= 0.8) & (kind < 0.9)]
+    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(special, np.int64))
+    inputs[randomised] = rng.choice(allowed, len(randomised))
+    loss_mask = np.zeros(len(tokens), np.int32)
+    loss_mask[chosen] = 1
+    return inputs, loss_mask
