@@ -46,6 +46,25 @@ def test_trainer_log_probs_equal_the_samplers_and_bad_prompts_are_counted(tmp_pa
     assert rollout and rollout[0]["rl/reward_mean"] > 0 and rollout[0]["rl/rollout_seconds"] > 0
 
 
+def test_a_completion_ends_with_eos_or_the_templates_end_of_turn(tmp_path):
+    """ChatML's "<|im_end|>" is several sentencepiece pieces: the completion ends with the token that
+    completes it (the reward functions read the text before it), or at EOS, or runs to the end."""
+    from jaxlm.data import chat, tokenizer as tokenizer_lib
+    from jaxlm.training import rl
+
+    tok, _ = tokenizer_lib.get(QUESTIONS * 4 + [chat.CHATML], 384, "bpe", "", str(tmp_path / "cache"))
+    source = object.__new__(rl.RolloutSource)  # only the tokenizer and the stop are read
+    source.tokenizer, source.prompts = tok, rl.Prompts([], [], "<|im_end|>")
+    row = np.array(tok.encode("Paris.<|im_end|>\nmore words"))
+    n = source._length(row)
+    assert "<|im_end|>" in tok.decode(row[:n].tolist()) and "<|im_end|>" not in tok.decode(row[:n - 1].tolist())
+    assert n < len(row) and source._text(row[:n]) == "Paris."
+    plain = np.array(tok.encode("Paris is in France"))
+    assert source._length(plain) == len(plain)
+    with_eos = np.concatenate([plain[:2], [tok.eos_id()], plain[2:]])
+    assert source._length(with_eos) == 3 and source._text(with_eos[:3]) == tok.decode(plain[:2].tolist())
+
+
 def test_ppo_rollout_and_step(tmp_path, prompts):
     """PPO with LoRA from random weights: at the first rollout the policy is its reference (adapters off), so
     the sampler's log-probs equal the reference's within 1e-5; the advantages are whitened over the

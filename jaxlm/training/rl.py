@@ -207,7 +207,7 @@ class RolloutSource:
         return None if self._handed is None else time.perf_counter() - self._handed
 
     def _sample(self, prompt_ids: list[list[int]], cycle: int):
-        """(tokens (B, N), their log-probs (B, N), completion lengths (B,), EOS included)."""
+        """(tokens (B, N), their log-probs (B, N), completion lengths (B,): through EOS or the end of turn)."""
         params = self.params if self._merge is None else self._merge(self.params["base"], self.params["lora"])
         self.generator.params = params
         self.generator.sampling = dataclasses.replace(
