@@ -48,7 +48,19 @@ def add(name, path, vocab=VOCAB):
     )
 
 
+def halves(ds):
+    import tensorflow as tf
+
+    return ds.map(lambda line: {{"inputs": tf.strings.substr(line, 0, 40), "targets": tf.strings.substr(line, 40, 60)}})
+
+
 add("bible_early", {early!r})
+seqio.TaskRegistry.add(
+    "bible_pairs",
+    source=seqio.TextLineDataSource({{"train": {early!r}}}),
+    preprocessors=[halves, seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+    output_features={{"inputs": seqio.Feature(VOCAB, add_eos=True), "targets": seqio.Feature(VOCAB, add_eos=True)}},
+)
 add("bible_late", {late!r})
 add("bible_bytes", {late!r}, vocab=seqio.ByteVocabulary())
 seqio.MixtureRegistry.add("bible_mix", [("bible_early", 3.0), ("bible_late", 1.0)])
@@ -228,3 +240,30 @@ def test_train_on_a_seqio_mixture_and_resume_exactly(tasks, tmp_path):
     assert second.keys() == first.keys()
     for step in first:
         assert second[step] == pytest.approx(first[step], rel=1e-5)
+
+
+def test_inputs_and_targets_pair_up_for_an_encoder_decoder(tasks, tmp_path):
+    """objective.kind=seq2seq: each example's inputs in the encoder's row and its targets in the decoder's,
+    under one segment id, exactly the tokens seqio yields."""
+    module, root = tasks
+    config = replace(small_config(architecture="t5", vocab_size=512, num_kv_heads=4),
+                     data=dict(seqio_task="bible_pairs", seqio_module=MODULE, eval_fraction=0.0,
+                               cache_dir=str(tmp_path / "cache")),
+                     objective=dict(kind="seq2seq", target_len=48), train=dict(seq_len=64, progress=False))
+    data = pipeline.prepare(config)
+    lines = (root / "early.txt").read_text(encoding="utf-8").splitlines()
+    eos = [module.VOCAB.eos_id]
+    want = sorted((tuple(module.VOCAB.encode(line[:40]) + eos), tuple(module.VOCAB.encode(line[40:100]) + eos))
+                  for line in lines)
+    got = []
+    for r in range(len(data.train)):
+        row = data.train[r]
+        for seg in range(1, row["segment_ids"].max() + 1):
+            dec = row["decoder_segment_ids"] == seg
+            np.testing.assert_array_equal(row["decoder_inputs"][dec][1:], row["targets"][dec][:-1])
+            got.append((tuple(row["inputs"][row["segment_ids"] == seg].tolist()), tuple(row["targets"][dec].tolist())))
+    assert sorted(got) == want and len(data.train) < len(lines)  # several examples share a row pair
+    with pytest.raises(ConfigError, match="objective.kind=seq2seq trains an encoder-decoder"):
+        from jaxlm.core.config import validate
+
+        validate(replace(config, data=dict(seqio_task="")))

@@ -92,7 +92,7 @@ def test_bad_rows_are_counted_and_reported():
     assert report.used == len(examples) == 1
     assert report.bad == {"chat template cannot render (no system role)": 1, "empty conversation": 1,
                           "longer than train.seq_len=40": 1, "no assistant turn": 1,
-                          "row has neither 'messages' nor 'prompt' and 'response'": 1}
+                          "row has neither 'messages' nor 'prompt' and 'response' (nor 'input' and 'target')": 1}
     assert "r3" in report.summary()
     with pytest.raises(ConfigError, match="does not parse"):
         chat.Template("{% for %}")

@@ -16,7 +16,8 @@ def add_parser(subparsers) -> None:
                     "For lm-evaluation-harness tasks: `python -m jaxlm.evaluation.harness run --model jaxlm "
                     "--model_args run_dir=RUN --tasks TASKS` (pip install \"jaxlm[eval]\").")
     p.add_argument("run_dir", help="a run directory written by `jaxlm train`")
-    p.add_argument("--task", action="append", default=[], help="perplexity (default), mc:FILE.jsonl or humaneval; repeatable")
+    p.add_argument("--task", action="append", default=[], help="perplexity (default), mc:FILE.jsonl, targets:FILE.jsonl (perplexity of each "
+                   "{\"input\", \"target\"} row's target; an encoder-decoder's task) or humaneval; repeatable")
     p.add_argument("--text", action="append", default=[], help="glob of .txt files for perplexity instead of the held-out split")
     p.add_argument("--limit", type=COUNT, help="evaluate only the first N documents/questions/problems")
     p.add_argument("--step", type=STEP, help="checkpoint step (default: the latest)")
@@ -46,6 +47,8 @@ def run(args) -> int:
         if not texts:
             raise ConfigError(f"--text {' '.join(args.text)} matched no non-empty text file")
     loaded = load_run(args.run_dir, args.step, quantize=args.quantize, block_size=args.block_size)
+    if not args.task and loaded.config.model.encoder_decoder:
+        raise ConfigError("an encoder-decoder has no held-out text perplexity; pass --task targets:FILE.jsonl")
     results = runner.run_tasks(loaded.model, loaded.params, loaded.tokenizer, loaded.config,
                                args.task or ["perplexity"], texts=texts, limit=args.limit, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, mesh=loaded.mesh)

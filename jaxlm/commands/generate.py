@@ -44,33 +44,60 @@ def _read_prompts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from jaxlm.inference.generate import Generator, check_stops, complete_tokens, prompt_ids
-    from jaxlm.inference.load import load_run
+    from jaxlm.inference.generate import Generator, check_stops, complete_tokens
+    from jaxlm.inference.load import GENERATES, load_run
 
     texts = _read_prompts(args)
-    loaded = load_run(args.run_dir, args.step, quantize=args.quantize)
+    loaded = load_run(args.run_dir, args.step, quantize=args.quantize, architectures=GENERATES,
+                      purpose="jaxlm generate")
     tok = loaded.tokenizer
     check_stops(tok, args.stop)
-    stops = list(args.stop)
-    if args.chat:  # each prompt is one user turn, rendered with the run's chat template (ChatML if it has none)
-        from jaxlm.data import chat
-
-        template = chat.load(args.chat_template or "", model_dir=loaded.directory)
-        rendered = [template.render([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
-        stops += [template.stop_string] if template.stop_string else []
-    else:
-        rendered = texts
-    prompts = [prompt_ids(tok, text) for text in rendered]
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
-    generator = Generator(loaded.model, loaded.params, sampling, loaded.mesh)
+    if loaded.config.model.encoder_decoder:
+        from jaxlm.inference.seq2seq_generate import Seq2SeqGenerator
+
+        prompts, stops = _encoder_inputs(args, loaded, texts), list(args.stop)
+        generator = Seq2SeqGenerator(loaded.model, loaded.params, sampling, loaded.mesh)
+    else:
+        prompts, stops = _decoder_prompts(args, loaded, texts)
+        generator = Generator(loaded.model, loaded.params, sampling, loaded.mesh)
     if len(prompts) > 1:
         for text, completion in zip(texts, complete_tokens(generator, tok, prompts, tuple(stops), len(prompts))):
             print(f"{text}{completion}\n")
         return 0
     _stream(generator, tok, prompts, stops)
     return 0
+
+
+def _decoder_prompts(args, loaded, texts) -> tuple[list[list[int]], list[str]]:
+    """A decoder-only model's prompts (after BOS) and stop strings: with --chat, each text is one user turn,
+    rendered with the run's chat template (ChatML if it has none), whose end of turn stops generation."""
+    from jaxlm.inference.generate import prompt_ids
+
+    stops = list(args.stop)
+    if args.chat:
+        from jaxlm.data import chat
+
+        template = chat.load(args.chat_template or "", model_dir=loaded.directory)
+        texts = [template.render([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+        stops += [template.stop_string] if template.stop_string else []
+    return [prompt_ids(loaded.tokenizer, text) for text in texts], stops
+
+
+def _encoder_inputs(args, loaded, texts) -> list[list[int]]:
+    """An encoder-decoder's inputs: each text's tokens and EOS, as T5 reads its inputs (no BOS); the decoder
+    starts from the model's start token."""
+    if args.chat:
+        raise ConfigError(f"--chat renders a chat template for a decoder-only model, but {loaded.directory} is an "
+                          f"encoder-decoder (model.architecture={loaded.config.model.architecture}); pass the "
+                          f"input text itself with --prompt or --prompt-file")
+    eos = loaded.tokenizer.eos_id()
+    if eos < 0:
+        raise ConfigError(f"{loaded.tokenizer.path} has no EOS token, which ends an encoder-decoder's inputs and "
+                          f"its output; use the model's own tokenizer")
+    return [[*loaded.tokenizer.encode(text), eos] for text in texts]
 
 
 def _stream(generator, tok, prompts, stops) -> None:

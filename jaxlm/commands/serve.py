@@ -80,14 +80,15 @@ def _load(args):
     import logging
 
     from jaxlm.data import chat
-    from jaxlm.inference.load import load_run
+    from jaxlm.inference.load import DECODER_ONLY, load_run
     from jaxlm.serving.api import Served
     from jaxlm.serving.engine import SlotEngine
     from jaxlm.serving.metrics import ServerMetrics
     from jaxlm.serving.scheduler import Scheduler
 
     config = ServeConfig(args.max_batch, args.prefill_chunk, args.max_queue, args.grace_period)
-    loaded = load_run(args.run_dir, args.step, quantize=args.quantize)
+    loaded = load_run(args.run_dir, args.step, quantize=args.quantize, architectures=DECODER_ONLY,
+                      purpose="jaxlm serve")
     template = chat.load(args.chat_template or "", model_dir=loaded.directory)
     engine = SlotEngine(loaded.model, loaded.params, config.max_batch, config.prefill_chunk, loaded.mesh)
     log = logging.getLogger("jaxlm.serve")

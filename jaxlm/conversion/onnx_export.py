@@ -67,7 +67,7 @@ def export(run_dir: str, out: str, step: int | None = None) -> str:
     must not exist or be empty; it appears only once complete."""
     from jaxlm.core import overrides, rundir
     from jaxlm.hf import tokenizer as hf_tokenizer
-    from jaxlm.inference.load import load_run
+    from jaxlm.inference.load import DECODER_ONLY, load_run
 
     convert = _converter()
     run_dir, out = os.path.abspath(os.path.expanduser(run_dir)), os.path.abspath(os.path.expanduser(out))
@@ -75,7 +75,7 @@ def export(run_dir: str, out: str, step: int | None = None) -> str:
         raise ConfigError(f"{out} already exists and is not empty; choose a new output directory")
     if os.path.isfile(os.path.join(run_dir, rundir.CONFIG)):  # refuse a model before reading its checkpoint
         export_config(overrides.load([os.path.join(run_dir, rundir.CONFIG)]).model)
-    run = load_run(run_dir, step)
+    run = load_run(run_dir, step, architectures=DECODER_ONLY, purpose="jaxlm export onnx")
     config = export_config(run.model.config)
     fns = graph_functions(config, host_params(run.params, config))
     with atomic.new_directory(out) as tmp:
@@ -116,6 +116,9 @@ def _load_plugins(plugin_system) -> None:
 
 def export_config(c: ModelConfig) -> ModelConfig:
     """The model as exported: float32, the reference attention, layers unrolled (see the module docstring)."""
+    if c.architecture not in ("llama", "gpt2"):
+        raise ConfigError(f"this run is a model.architecture={c.architecture} model; ONNX export writes decoder-only "
+                          "models (llama, gpt2). Export it to Hugging Face with jaxlm convert to-hf instead")
     if c.num_experts:
         raise ConfigError(f"this run is a mixture-of-experts model ({c.num_experts} experts), which ONNX export does "
                           "not support: its expert dispatch sizes its blocks from the token count, which the graphs "

@@ -144,8 +144,24 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = Default("bfloat16")
     attention: AttentionImpl = "auto"
     # "llama": RMSNorm, RoPE, SwiGLU. "gpt2": learned positions, LayerNorm with bias, GELU MLP, biases on
-    # every projection (Hugging Face GPT-2 checkpoints).
-    architecture: Literal["llama", "gpt2"] = "llama"
+    # every projection (Hugging Face GPT-2 checkpoints). "t5": an encoder-decoder with relative position
+    # buckets, T5's RMS norm, no biases (jaxlm/model/t5.py; num_layers is the encoder's). "bert": an
+    # encoder with absolute positions, post-LN, GELU, token types and a masked-LM head (jaxlm/model/bert.py).
+    architecture: Literal["llama", "gpt2", "t5", "bert"] = "llama"
+    # The MLP's activation; "auto" is the architecture's own (llama: gated_silu, gpt2: gelu_tanh,
+    # t5: gated_gelu_tanh, bert: gelu). Gated ones multiply act(x @ gate) by x @ up.
+    mlp_activation: Literal["auto", "gated_silu", "gated_gelu_tanh", "relu", "gelu", "gelu_tanh"] = "auto"
+    # Encoder-decoder (t5): decoder layers (0: as many as num_layers, the encoder's); T5's relative position
+    # buckets (half of them for each direction in the encoder), shared by a stack's layers unless
+    # relative_bias_per_layer (UMT5); the token the decoder starts from (T5: pad, 0).
+    num_decoder_layers: int = ranged(0, ge=0)
+    relative_buckets: int = ranged(32, ge=2)
+    relative_max_distance: int = ranged(128, ge=1)
+    relative_bias_per_layer: bool = False
+    decoder_start_id: int = ranged(0, ge=0)
+    # Encoder-only (bert): token type embeddings (0: none), and where positions start (RoBERTa: pad id + 1).
+    type_vocab_size: int = ranged(0, ge=0)
+    position_offset: int = ranged(0, ge=0)
     # Where the weights start (pretraining and finetuning alike): "" random, "hf:DIR" a Hugging Face
     # checkpoint, or a jaxlm run directory; the checkpoint's config sets the model's shape. LoRA adapters to
     # continue from: RUN/adapters, a PEFT adapter directory, or BASE+ADAPTERS (jaxlm/training/base.py).
@@ -176,6 +192,25 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.architecture == "t5"
+
+    @property
+    def encoder_only(self) -> bool:
+        return self.architecture == "bert"
+
+    @property
+    def resolved_decoder_layers(self) -> int:
+        """Decoder layers of an encoder-decoder (0 for other architectures)."""
+        return (self.num_decoder_layers or self.num_layers) if self.encoder_decoder else 0
+
+    @property
+    def resolved_mlp_activation(self) -> str:
+        if self.mlp_activation != "auto":
+            return self.mlp_activation
+        return {"llama": "gated_silu", "gpt2": "gelu_tanh", "t5": "gated_gelu_tanh", "bert": "gelu"}[self.architecture]
 
     @property
     def resolved_expert_mlp_dim(self) -> int:
@@ -456,6 +491,32 @@ class ServeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """What pretraining predicts (jaxlm/data/denoise.py makes the rows, inside the grain pipeline).
+
+    causal: every next token (decoder-only). prefix_lm: a decoder-only model sees a random prefix of each
+    row bidirectionally and predicts the rest. span_corruption: T5's: noise spans replaced by sentinels in
+    the inputs, the targets spell them out (an encoder-decoder, or a decoder-only model with prefix_lm
+    attention over the inputs). mlm: BERT's masked LM (an encoder). seq2seq: the data's own (inputs,
+    targets) pairs, a seqio task's two features (`data.seqio_task`), for an encoder-decoder.
+    """
+
+    kind: Literal["causal", "prefix_lm", "span_corruption", "mlm", "seq2seq"] = "causal"
+    # Decoder-only span corruption: the inputs are a bidirectional prefix (needed: a causal model would
+    # have to predict the inputs it is given).
+    prefix_lm: bool = False
+    noise_density: float = ranged(0.15, gt=0, lt=1)
+    mean_span_length: float = ranged(3.0, ge=1)
+    # How many of the tokenizer's last pieces are T5's sentinels `<extra_id_0>`.. (`jaxlm tokenizer train
+    # --extra-ids`); a tokenizer trained by the run itself gets them.
+    extra_ids: int = ranged(100, ge=1)
+    mask_rate: float = ranged(0.15, gt=0, lt=1)  # mlm: the fraction of tokens predicted (80/10/10)
+    # Encoder-decoder rows: the decoder's length; 0 derives it (span corruption: from train.seq_len, the
+    # encoder's, as T5 does; otherwise train.seq_len).
+    target_len: int = ranged(0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str = "run"
     model: ModelConfig = ModelConfig()
@@ -469,6 +530,7 @@ class Config:
     finetune: FinetuneConfig = FinetuneConfig()
     rl: RLConfig = RLConfig()
     distributed: DistributedConfig = DistributedConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
 
 
 def validate(config: Config) -> Config:
@@ -485,7 +547,7 @@ def validate(config: Config) -> Config:
         )
     if not m.head_dim and m.d_model % m.num_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim")
-    if m.resolved_head_dim % 2:
+    if m.resolved_head_dim % 2 and m.architecture == "llama":
         raise ConfigError(f"head dim {m.resolved_head_dim} must be even for RoPE")
     if m.rope_scaling_factor and m.rope_high_freq_factor <= m.rope_low_freq_factor:
         # LLaMA-3 scaling interpolates between the two wavelengths: it divides by their difference.
@@ -496,6 +558,7 @@ def validate(config: Config) -> Config:
     if t.batch_size % o.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
     check_moe(m, config.mesh)
+    check_objective(config)
     if (config.task == "reward") != (m.num_labels == 1) or m.num_labels > 1:
         raise ConfigError(f"task={config.task} with model.num_labels={m.num_labels}: a reward model (task=reward) "
                           "has model.num_labels=1, and only a reward model has a score head (no task trains "
@@ -512,6 +575,39 @@ def validate(config: Config) -> Config:
 
 
 RL_TASKS = ("grpo", "ppo")  # `jaxlm rl`
+
+
+def check_objective(config: Config) -> None:
+    """One-line errors for an architecture and an objective that do not fit each other."""
+    m, o = config.model, config.objective
+    arch = m.architecture
+    if m.encoder_only and o.kind != "mlm":
+        raise ConfigError(f"model.architecture=bert is an encoder: it trains with objective.kind=mlm, not {o.kind}")
+    if o.kind == "mlm" and not m.encoder_only:
+        raise ConfigError(f"objective.kind=mlm needs an encoder (model.architecture=bert); a {arch} model "
+                          f"{'has a decoder' if m.encoder_decoder else 'is causal'}: use objective.kind=causal")
+    if m.encoder_decoder and o.kind in ("causal", "prefix_lm"):
+        raise ConfigError(f"objective.kind={o.kind} is for decoder-only models; an encoder-decoder (model.architecture"
+                          "=t5) pretrains with objective.kind=span_corruption")
+    if o.kind == "seq2seq" and not (m.encoder_decoder and config.data.seqio_task):
+        raise ConfigError("objective.kind=seq2seq trains an encoder-decoder (model.architecture=t5) on a seqio task's "
+                          "inputs and targets (data.seqio_task); finetune on JSONL pairs with jaxlm finetune task=sft")
+    if o.kind == "span_corruption" and not m.encoder_decoder and not o.prefix_lm:
+        raise ConfigError("objective.kind=span_corruption on a decoder-only model needs prefix-LM attention over "
+                          "the inputs: set objective.prefix_lm=true (or use model.architecture=t5)")
+    if o.prefix_lm and (m.encoder_decoder or m.encoder_only):
+        raise ConfigError(f"objective.prefix_lm is for decoder-only models; model.architecture={arch} has no causal prefix")
+    if m.architecture in ("t5", "bert") and (m.num_experts or m.value_head or m.num_labels or m.sliding_window):
+        raise ConfigError(f"model.architecture={arch} has no mixture of experts, value head, classifier head or "
+                          "sliding window; unset model.num_experts/value_head/num_labels/sliding_window")
+    if (m.encoder_decoder or m.encoder_only) and config.task not in ("pretrain", "sft"):
+        raise ConfigError(f"task={config.task} trains decoder-only models; model.architecture={arch} trains with "
+                          "task=pretrain or task=sft")
+    stages = (config.mesh.stage, config.mesh.dcn_stage, config.mesh.sequence, config.mesh.dcn_sequence)
+    if (m.encoder_decoder or m.encoder_only or o.kind == "prefix_lm" or o.prefix_lm) and any(s != 1 for s in stages):
+        raise ConfigError("pipeline stages (mesh.stage) and context parallelism (mesh.sequence) run causal "
+                          f"decoder-only models; model.architecture={arch} with objective.kind={o.kind} cannot use "
+                          "them: use mesh.fsdp/tensor/data")
 
 
 def check_rl(config: Config) -> None:

@@ -99,6 +99,12 @@ def mlm_mask(tokens: np.ndarray, index: int, seed: int, mask_id: int, vocab_size
     least one) chosen uniformly among the tokens not in `special`; of them 80% become `mask_id`, 10% a
     random non-special id, 10% stay. The targets are `tokens` themselves, read where the loss mask is 1."""
     rng = np.random.default_rng([seed, index, 1])  # another stream than span corruption's for the same row
+    return mask_tokens(tokens, mask_id, vocab_size, special, rate, rng)
+
+
+def mask_tokens(tokens: np.ndarray, mask_id: int, vocab_size: int, special: Sequence[int], rate: float,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`mlm_mask` with the draws from `rng`."""
     maskable = np.flatnonzero(~np.isin(tokens, np.asarray(special, tokens.dtype)))
     if not len(maskable):
         return tokens.copy(), np.zeros(len(tokens), np.int32)

@@ -151,3 +151,69 @@ class ArrayRows:
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         return {k: v[r] for k, v in self.arrays.items()}
+
+
+def first_fit_pairs(in_lengths: np.ndarray, out_lengths: np.ndarray, in_capacity: int, out_capacity: int) -> np.ndarray:
+    """Bin of each (input, target) pair under first-fit decreasing (by input length) where a bin is a pair
+    of rows, an encoder's and a decoder's, and an item fits only if both of its parts do."""
+    order = np.argsort(-np.asarray(in_lengths), kind="stable")
+    in_room, out_room = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bins = np.zeros(len(in_lengths), np.int64)
+    for item in order:
+        fits = np.flatnonzero((in_room >= in_lengths[item]) & (out_room >= out_lengths[item]))
+        if len(fits):
+            b = int(fits[0])
+        else:
+            b = len(in_room)
+            in_room, out_room = np.append(in_room, in_capacity), np.append(out_room, out_capacity)
+        bins[item] = b
+        in_room[b] -= in_lengths[item]
+        out_room[b] -= out_lengths[item]
+    return bins
+
+
+PAIR_KEYS = ("inputs", "positions", "segment_ids", "decoder_inputs", "decoder_positions", "decoder_segment_ids",
+             "targets", "loss_mask")
+
+
+def pair_row(pairs, seq_len: int, target_len: int, start: int = 0) -> dict[str, np.ndarray]:
+    """One encoder-decoder row pair holding `pairs` of (input ids, target ids), in order: example k has
+    segment id k + 1 on both sides (the decoder cross-attends to its own input only), positions from 0,
+    the decoder reads its target shifted right behind `start`, and the loss covers every target token.
+    Padding is segment 0 with no loss."""
+    out = {k: np.zeros(target_len if k.startswith("decoder") or k in ("targets", "loss_mask") else seq_len, np.int32)
+           for k in PAIR_KEYS}
+    at_in = at_out = 0
+    for seg, (inputs, targets) in enumerate(pairs, 1):
+        m, n = len(inputs), len(targets)
+        out["inputs"][at_in:at_in + m], out["positions"][at_in:at_in + m] = inputs, np.arange(m)
+        out["segment_ids"][at_in:at_in + m] = seg
+        out["decoder_inputs"][at_out:at_out + n] = np.concatenate([[start], targets[:-1]])
+        out["decoder_positions"][at_out:at_out + n] = np.arange(n)
+        out["decoder_segment_ids"][at_out:at_out + n] = seg
+        out["targets"][at_out:at_out + n], out["loss_mask"][at_out:at_out + n] = targets, 1
+        at_in, at_out = at_in + m, at_out + n
+    return out
+
+
+class PairRows:
+    """Aligned (inputs, targets) documents, e.g. a seqio task's two features, packed first-fit into
+    encoder-decoder row pairs (`first_fit_pairs`, `pair_row`). An example longer than its row is cut to
+    it, as T5X trims features to their lengths."""
+
+    def __init__(self, inputs: DocStore, targets: DocStore, seq_len: int, target_len: int, start: int = 0):
+        self.inputs, self.targets, self.seq_len, self.target_len, self.start = inputs, targets, seq_len, target_len, start
+        in_len = np.minimum(np.asarray(inputs.lengths, np.int64), seq_len)
+        out_len = np.minimum(np.asarray(targets.lengths, np.int64), target_len)
+        bins = first_fit_pairs(in_len, out_len, seq_len, target_len)
+        self.order = np.lexsort((np.arange(len(bins)), bins))
+        self.num_rows = int(bins.max()) + 1 if len(bins) else 0
+        self.row_ptr = np.searchsorted(bins[self.order], np.arange(self.num_rows + 1))
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        items = self.order[self.row_ptr[r]:self.row_ptr[r + 1]]
+        pairs = [(self.inputs[int(i)][: self.seq_len], self.targets[int(i)][: self.target_len]) for i in items]
+        return pair_row(pairs, self.seq_len, self.target_len, self.start)

@@ -21,13 +21,14 @@ import dataclasses
 import logging
 import os
 import tempfile
+from typing import Callable
 
 import grain
 import jax
 import numpy as np
 
 from jaxlm.core.config import ConfigError, Config
-from jaxlm.data import corpus, packing, prepared, tokenizer as tokenizer_lib
+from jaxlm.data import corpus, objective_rows, packing, prepared, tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class Data:
     eval: PackedRows | None
     tokenizer_path: str
     vocab_size: int
+    # The objective's rows made from the packed ones (grain random_map; None: the packed rows themselves).
+    transform: Callable | None = None
 
 
 def prepare(config: Config) -> Data:
@@ -108,28 +111,42 @@ def prepare(config: Config) -> Data:
     if d.seqio_task:  # exported once into prepared folders; seqio/TensorFlow are imported only here
         from jaxlm.data import seqio_source
 
+        if config.objective.kind == "seq2seq":
+            return _pairs(config, *seqio_source.export_pairs(config))
         return _from_prepared(seqio_source.as_prepared(config))
     if d.prepared:
         return _from_prepared(config)
     docs = corpus.documents(d.source)
     train_docs, eval_docs = corpus.split(docs, d.eval_fraction)
-    tok, tok_path = tokenizer_lib.get(train_docs, config.model.vocab_size, d.tokenizer_type, d.tokenizer, d.cache_dir)
+    tok, tok_path = tokenizer_lib.get(train_docs, config.model.vocab_size, d.tokenizer_type, d.tokenizer, d.cache_dir,
+                                      objective_rows.extra_ids(config))
     if tok.vocab_size() > config.model.vocab_size:
         raise ConfigError(
             f"tokenizer {tok_path} has {tok.vocab_size()} pieces but model.vocab_size={config.model.vocab_size}; "
             f"set model.vocab_size={tok.vocab_size()}"
         )
+    fmt = objective_rows.row_format(config, tok)
     cache = os.path.join(os.path.expanduser(d.cache_dir), "tokens")
     key = f"{tokenizer_lib.corpus_hash(docs)}-{tokenizer_lib.file_hash(tok_path)}-{d.eval_fraction}"
     train_stream = tokenize(train_docs, tok, os.path.join(cache, f"{key}-train.npz"))
     eval_stream = tokenize(eval_docs, tok, os.path.join(cache, f"{key}-eval.npz")) if eval_docs else None
-    rows = PackedRows(train_stream, config.train.seq_len)
+    rows = PackedRows(train_stream, fmt.source_length)
     if len(rows) == 0:
         raise ConfigError(f"data.source={d.source!r} has fewer than train.seq_len={config.train.seq_len} tokens")
-    eval_rows = PackedRows(eval_stream, config.train.seq_len) if eval_stream is not None else None
-    log.info("data: %d train rows of %d tokens (%d tokens), %d eval rows", len(rows), config.train.seq_len,
-             len(train_stream.tokens), len(eval_rows) if eval_rows else 0)
-    return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, tok_path, tok.vocab_size())
+    eval_rows = PackedRows(eval_stream, fmt.source_length) if eval_stream is not None else None
+    log.info("data: %d train rows of %d tokens (%d tokens), %d eval rows%s", len(rows), fmt.source_length,
+             len(train_stream.tokens), len(eval_rows) if eval_rows else 0, _made(fmt))
+    return Data(rows, eval_rows if eval_rows and len(eval_rows) else None, tok_path, tok.vocab_size(),
+                objective_rows.transform(fmt))
+
+
+def _made(fmt: objective_rows.RowFormat) -> str:
+    """What the log says the objective makes of each row."""
+    if fmt.kind == "causal":
+        return ""
+    if fmt.encoder_decoder:
+        return f", made into {fmt.kind} rows of {fmt.seq_len} input and {fmt.target_len} target tokens"
+    return f", made into {fmt.kind} rows of {fmt.seq_len} tokens"
 
 
 def _from_prepared(config: Config) -> Data:
@@ -145,6 +162,8 @@ def _from_prepared(config: Config) -> Data:
     if tok.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size()} pieces but model.vocab_size="
                           f"{config.model.vocab_size}; set model.vocab_size={tok.vocab_size()}")
+    fmt = objective_rows.row_format(config, tok)
+    seq_len = fmt.source_length
     rows_of = packing.FirstFitRows if d.packing == "first_fit" else packing.ConcatSplitRows
     train, held_out = [], []
     for ds in datasets:
@@ -157,7 +176,25 @@ def _from_prepared(config: Config) -> Data:
                  len(held_out[-1]))
     eval_rows = packing.ConcatRows(held_out)
     source = train[0] if len(train) == 1 else Mixture(train, list(d.weights or [1.0] * len(train)))
-    return Data(source, eval_rows if len(eval_rows) else None, tok_path, tok.vocab_size())
+    return Data(source, eval_rows if len(eval_rows) else None, tok_path, tok.vocab_size(), objective_rows.transform(fmt))
+
+
+def _pairs(config: Config, inputs_dir: str, targets_dir: str) -> Data:
+    """Encoder-decoder rows from aligned inputs and targets folders (a seqio task's two features)."""
+    inputs, targets = prepared.open_prepared(inputs_dir), prepared.open_prepared(targets_dir)
+    tok_path = prepared.check_tokenizer([inputs, targets], config.data.tokenizer)
+    tok = tokenizer_lib.load(tok_path)
+    if tok.vocab_size() > config.model.vocab_size:
+        raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size()} pieces but model.vocab_size="
+                          f"{config.model.vocab_size}; set model.vocab_size={tok.vocab_size()}")
+    seq_len, target_len = config.train.seq_len, objective_rows.target_length(config)
+    train_idx, eval_idx = prepared.split(len(inputs.lengths), config.data.eval_fraction)
+    rows = lambda idx: packing.PairRows(inputs.docs(idx), targets.docs(idx), seq_len, target_len,
+                                        config.model.decoder_start_id)
+    train, held_out = rows(train_idx), rows(eval_idx)
+    log.info("data: %d (inputs, targets) examples in %d row pairs of %d input and %d target tokens, %d eval rows",
+             len(train_idx), len(train), seq_len, target_len, len(held_out))
+    return Data(train, held_out if len(held_out) else None, tok_path, tok.vocab_size())
 
 
 def local_batch_size(global_batch: int, count: int | None = None) -> int:
@@ -173,12 +210,13 @@ def _endless(ds: grain.MapDataset) -> grain.MapDataset:
     return ds.repeat(num_epochs=max(1, (1 << 50) // max(len(ds), 1)))
 
 
-def _fingerprint(rows, global_batch: int, seed: int) -> str:
+def _fingerprint(rows, global_batch: int, seed: int, transform: Callable | None = None) -> str:
     """What fixes the data order: grain's saved position is only meaningful for the same one."""
     parts = rows.sources if isinstance(rows, Mixture) else [rows]
     weights = rows.weights if isinstance(rows, Mixture) else [1.0]
     layout = ",".join(f"{type(p).__name__}:{len(p)}:{w:g}" for p, w in zip(parts, weights))
-    return f"{layout}|batch={global_batch}|seed={seed}"
+    made = f"|{transform.func.__name__.lstrip('_')}" if transform is not None else ""
+    return f"{layout}|batch={global_batch}|seed={seed}{made}"
 
 
 def _shuffled(rows, seed: int) -> grain.MapDataset:
@@ -198,8 +236,9 @@ class BatchIterator:
     """
 
     def __init__(self, rows: PackedRows, global_batch: int, seed: int, workers: int = 0,
-                 process: tuple[int, int] | None = None, start: int = 0, saved: dict | None = None):
-        self.fingerprint = _fingerprint(rows, global_batch, seed)
+                 process: tuple[int, int] | None = None, start: int = 0, saved: dict | None = None,
+                 transform: Callable | None = None):
+        self.fingerprint = _fingerprint(rows, global_batch, seed, transform)
         if saved is not None and saved.get("workers") != workers:
             log.info("data state was saved with %s grain workers, now %d: positioning by step",
                      saved.get("workers"), workers)
@@ -212,6 +251,8 @@ class BatchIterator:
         self.workers = workers
         index, count = process or (jax.process_index(), jax.process_count())
         ds = _shuffled(rows, seed)
+        if transform is not None:  # drawn per position in the global stream: the same on any process count
+            ds = ds.random_map(transform, seed=seed)
         ds = ds[index::count].batch(local_batch_size(global_batch, count))[self.start :]
         it_ds = ds.to_iter_dataset()
         if workers:
@@ -235,8 +276,12 @@ class BatchIterator:
                 "grain": self._it.get_state()}
 
 
-def eval_batches(rows: PackedRows, global_batch: int, num_batches: int) -> list[dict[str, np.ndarray]]:
-    """The same held-out batches at every evaluation: rows in order, wrapping around if too few."""
+def eval_batches(rows: PackedRows, global_batch: int, num_batches: int,
+                 transform: Callable | None = None) -> list[dict[str, np.ndarray]]:
+    """The same held-out batches at every evaluation: rows in order, wrapping around if too few (and made
+    into the objective's rows with fixed draws)."""
     ds = _endless(grain.MapDataset.source(rows))
+    if transform is not None:
+        ds = ds.random_map(transform, seed=0)
     ds = ds[jax.process_index() :: jax.process_count()].batch(local_batch_size(global_batch))
     return [ds[i] for i in range(num_batches)]

@@ -278,3 +278,24 @@ def as_prepared(config: Config) -> Config:
     result = export(d.seqio_task, out, d.seqio_module, d.seqio_split, d.seqio_feature, progress=config.train.progress)
     weights = tuple(result.weights) if result.is_mixture else ()
     return dataclasses.replace(config, data=dataclasses.replace(d, prepared=tuple(result.folders), weights=weights))
+
+
+def export_pairs(config: Config) -> tuple[str, str]:
+    """`data.seqio_task`'s "inputs" and "targets" features exported side by side (objective.kind=seq2seq):
+    two prepared folders whose documents align one to one, since both read the task in the same fixed order."""
+    d = config.data
+    if d.prepared or d.weights:
+        raise ConfigError("data.seqio_task cannot be combined with data.prepared/data.weights")
+    folders = []
+    for feature in ("inputs", "targets"):
+        out = os.path.join(os.path.expanduser(d.cache_dir), "seqio", _safe(f"{d.seqio_task}-{d.seqio_split}-{feature}"))
+        result = export(d.seqio_task, out, d.seqio_module, d.seqio_split, feature, progress=config.train.progress)
+        if result.is_mixture:
+            raise ConfigError(f"data.seqio_task={d.seqio_task} is a Mixture; objective.kind=seq2seq trains on one Task's "
+                              "inputs and targets (export each task, or train on the mixture's targets)")
+        folders.append(out)
+    manifests = [prepare._read_json(os.path.join(f, prepare.MANIFEST)) for f in folders]
+    if any(m["seqio"]["skipped_empty"] for m in manifests) or manifests[0]["documents"] != manifests[1]["documents"]:
+        raise ConfigError(f"seqio task {d.seqio_task} yields empty 'inputs' or 'targets' for some examples, so the two "
+                          "features do not pair up; filter such examples out in the task's preprocessors")
+    return folders[0], folders[1]

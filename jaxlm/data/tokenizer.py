@@ -280,16 +280,18 @@ def with_extra_ids(model: bytes, count: int) -> bytes:
     return proto.SerializeToString()
 
 
-def get(docs: list[str], vocab_size: int, model_type: str, given: str, cache_dir: str) -> tuple[Tokenizer, str]:
-    """Returns (tokenizer, its path): the given one, or a sentencepiece model trained on `docs` and cached by content."""
+def get(docs: list[str], vocab_size: int, model_type: str, given: str, cache_dir: str,
+        extra_ids: int = 0) -> tuple[Tokenizer, str]:
+    """Returns (tokenizer, its path): the given one, or a sentencepiece model trained on `docs` (with
+    `extra_ids` T5 sentinels at the end) and cached by content."""
     if given:
         return load(given), given
-    key = f"{corpus_hash(docs)}-{model_type}-{vocab_size}"
+    key = f"{corpus_hash(docs)}-{model_type}-{vocab_size}" + (f"-x{extra_ids}" if extra_ids else "")
     path = os.path.join(os.path.expanduser(cache_dir), "tokenizers", f"{key}.model")
     if not os.path.isfile(path):
         log.info("training a %d-piece %s sentencepiece tokenizer on %d documents", vocab_size, model_type, len(docs))
         try:
-            train(docs, vocab_size, model_type, path)
+            train(docs, vocab_size, model_type, path, extra_ids=extra_ids)
         except RuntimeError as e:
             raise ConfigError(f"sentencepiece could not train a {vocab_size}-piece tokenizer: {e}") from None
     return load(path), path

@@ -4,6 +4,8 @@ Task names:
   perplexity            perplexity and bits-per-byte on held-out text (the run's own held-out split by default)
   mc:FILE.jsonl         log-likelihood multiple choice (see jaxlm.evaluation.multiple_choice)
   humaneval             HumanEval pass@1, greedy, code run in the sandbox
+  targets:FILE.jsonl    perplexity of each {"input", "target"} row's target given its input (jaxlm.evaluation.seq2seq);
+                        the one task of an encoder-decoder
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from jaxlm.core.config import Config, ConfigError
 from jaxlm.data import corpus
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import Tokenizer
-from jaxlm.evaluation import humaneval, multiple_choice, perplexity
+from jaxlm.evaluation import humaneval, multiple_choice, perplexity, seq2seq
 from jaxlm.inference.generate import Generator, SamplingConfig, complete
 from jaxlm.inference.scoring import Scorer
 
@@ -28,10 +30,18 @@ def heldout_texts(config: Config) -> list[str]:
     return corpus.split(docs, config.data.eval_fraction)[1]
 
 
-def check_task(name: str) -> None:
-    if name in ("perplexity", "humaneval") or (name.startswith("mc:") and len(name) > 3):
-        return
-    raise ConfigError(f"unknown eval task {name!r}; use perplexity, mc:FILE.jsonl or humaneval")
+def check_task(name: str, model_config=None) -> None:
+    """A one-line error for an unknown task, or one the model cannot run (`model_config`, when known)."""
+    known = name in ("perplexity", "humaneval") or any(name.startswith(p) and len(name) > len(p) for p in ("mc:", "targets:"))
+    if not known:
+        raise ConfigError(f"unknown eval task {name!r}; use perplexity, mc:FILE.jsonl, targets:FILE.jsonl or humaneval")
+    arch = getattr(model_config, "architecture", "llama")
+    if arch == "bert":
+        raise ConfigError("an encoder (model.architecture=bert) has no eval task: its held-out masked-LM loss is "
+                          "in the run's metrics (train.eval_batches)")
+    if arch == "t5" and not name.startswith("targets:"):
+        raise ConfigError(f"eval task {name} scores a causal language model; an encoder-decoder (model.architecture"
+                          "=t5) evaluates with targets:FILE.jsonl ({\"input\", \"target\"} rows)")
 
 
 def run_tasks(model, params, tokenizer: Tokenizer, config: Config, tasks: list[str], texts: list[str] | None = None,
@@ -39,15 +49,20 @@ def run_tasks(model, params, tokenizer: Tokenizer, config: Config, tasks: list[s
               progress: bool = True, mesh=None, scorer: Scorer | None = None) -> dict[str, dict]:
     """`scorer`: one kept across calls (the training hook) reuses its compiled programs; it gets `params`."""
     for name in tasks:
-        check_task(name)
-    scorer = scorer or Scorer(model, params, batch_size)
-    scorer.params = params
+        check_task(name, model.config)
+    scorer = scorer or (None if model.config.encoder_decoder or model.config.encoder_only else
+                        Scorer(model, params, batch_size))
+    if scorer is not None:
+        scorer.params = params
     results = {}
     for name in tasks:
         start = time.perf_counter()
         if name == "perplexity":
             docs = texts if texts is not None else heldout_texts(config)
             results[name] = perplexity.perplexity(scorer, tokenizer, docs[:limit], progress)
+        elif name.startswith("targets:"):
+            rows = seq2seq.load_rows(name.split(":", 1)[1])[:limit]
+            results[name] = seq2seq.target_perplexity(model, params, tokenizer, rows, batch_size, progress, scorer)
         elif name.startswith("mc:"):
             results[name] = multiple_choice.evaluate(scorer, tokenizer, multiple_choice.load_task(name[3:])[:limit])
         else:
@@ -65,10 +80,11 @@ def in_training(config: Config, model, tokenizer_path: str):
     """params -> results of `train.eval_tasks`, run with the training mesh's params as they are (the
     training loop's eval hook; `jaxlm train` hands it to `training.pretrain.train`)."""
     for task in config.train.eval_tasks:
-        check_task(task)
+        check_task(task, config.model)
     tokenizer = tokenizer_lib.load(tokenizer_path)
     texts = heldout_texts(config) if "perplexity" in config.train.eval_tasks else None
     limit = config.train.eval_limit or None
-    scorer = Scorer(model, None)  # kept across evals: its jitted forward compiles once per shape
+    # Kept across evals: its jitted forward compiles once per shape.
+    scorer = None if config.model.encoder_decoder or config.model.encoder_only else Scorer(model, None)
     return lambda params: run_tasks(model, params, tokenizer, config, list(config.train.eval_tasks),
                                     texts=texts, limit=limit, progress=False, scorer=scorer)

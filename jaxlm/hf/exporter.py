@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 
 from jaxlm.core.config import ConfigError, ModelConfig
-from jaxlm.hf import families, tensors
-from jaxlm.hf.families import TensorMap
+from jaxlm.hf import families, tensor_map, tensors
+from jaxlm.hf.tensor_map import TensorMap
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -21,12 +21,7 @@ def hf_tensor(params: dict, c: ModelConfig, maps: list[TensorMap], layer: int | 
     tensor) describe, for one layer and (per-expert maps) one expert: the inverse of the importer's reading."""
     parts = []
     for m in sorted(maps, key=lambda m: m.pick[1] if m.pick else 0):
-        if layer is None:
-            path = m.path
-        elif c.scan_layers:
-            path = ("layers", *m.path)
-        else:
-            path = (f"layers_{layer}", *m.path)
+        path = m.path if layer is None else tensor_map.layer_path(c, m, layer)
         array = params
         for key in path:
             array = array[key]
@@ -48,10 +43,9 @@ def plan(c: ModelConfig) -> dict[str, tuple[list[TensorMap], int | None, int | N
     out: dict[str, tuple[list[TensorMap], int | None, int | None]] = {}
     for m in top:
         out.setdefault(m.hf, ([], None, None))[0].append(m)
-    for i in range(c.num_layers):
-        for m in families.layer_maps(c, layer, i):
-            for j, name in enumerate(m.names(i)):
-                out.setdefault(name, ([], i, j if m.experts else None))[0].append(m)
+    for m, i in tensor_map.all_layers(c, layer):
+        for j, name in enumerate(m.names(i)):
+            out.setdefault(name, ([], i, j if m.experts else None))[0].append(m)
     return out
 
 

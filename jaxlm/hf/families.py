@@ -1,21 +1,18 @@
-"""Hugging Face model families: their config.json <-> `ModelConfig`, and their tensors <-> jaxlm parameters.
-
-A `TensorMap` says how one Hugging Face tensor lays out one jaxlm parameter (per layer for layer tensors):
-read the HF tensor row-major as the shape `view`, optionally pick one index of a fused axis (GPT-2 packs
-q, k and v into one `c_attn`), then transpose the remaining view axes by `perm`. Mixture-of-experts
-checkpoints store one tensor per expert ("{j}" in the name); the jaxlm parameter stacks them on a leading
-expert axis. Import and export both use the same maps, so a round trip is exact by construction.
+"""Hugging Face model families: their config.json <-> `ModelConfig`, and their tensors <-> jaxlm parameters
+(`jaxlm.hf.tensor_map.TensorMap`s). The decoder-only families are here; the encoders (BERT, RoBERTa) and the
+encoder-decoders (T5, mT5, UMT5) have their own modules, which the functions here dispatch to.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import jax
 
 from jaxlm.core.config import ConfigError, DistributedConfig, ModelConfig, is_default
+from jaxlm.hf import bert_family, t5_family
+from jaxlm.hf.tensor_map import DENSE, TensorMap, require
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +25,12 @@ ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "BertForMaskedLM": "bert",  # encoders: jaxlm/hf/bert_family.py
+    "RobertaForMaskedLM": "roberta",
+    # Encoder-decoders: jaxlm/hf/t5_family.py
+    "T5ForConditionalGeneration": "t5",
+    "MT5ForConditionalGeneration": "mt5",
+    "UMT5ForConditionalGeneration": "umt5",
 }
 FAMILY_ARCHITECTURE = {family: arch for arch, family in ARCHITECTURES.items()}
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -44,39 +47,12 @@ CLASSIFIER_SUFFIX = "ForSequenceClassification"
 
 # Tensors some checkpoints carry that hold no weights: attention-mask buffers and cached RoPE frequencies.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    hf: str  # Hugging Face tensor name; "{i}" stands for the layer index, "{j}" for the expert index
-    path: tuple[str, ...]  # jaxlm parameter path (inside a layer for layer tensors)
-    hf_shape: tuple[int, ...]  # of one HF tensor (one expert's, for per-expert tensors)
-    view: tuple[int, ...]  # hf_shape split row-major into these axes
-    perm: tuple[int, ...]  # jaxlm axis j is view axis perm[j] (counted without the picked axis)
-    pick: tuple[int, int] | None = None  # (view axis, index) of a fused tensor
-    # > 0: one HF tensor per expert ("{j}" in `hf`); the jaxlm parameter stacks them on a leading axis of
-    # this size, ahead of the axes `perm` orders.
-    experts: int = 0
-    moe: bool | None = None  # layer maps: of every layer (None), only MoE layers (True), only dense ones (False)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The jaxlm shape (one layer)."""
-        kept = [n for a, n in enumerate(self.view) if not self.pick or a != self.pick[0]]
-        shape = tuple(kept[p] for p in self.perm)
-        return (self.experts, *shape) if self.experts else shape
-
-    def names(self, layer: int | None = None) -> list[str]:
-        """The HF tensor names of this map (of `layer`): one, or one per expert."""
-        if self.experts:
-            return [self.hf.format(i=layer, j=j) for j in range(self.experts)]
-        return [self.hf.format(i=layer)]
-
-
-def layer_maps(c: ModelConfig, maps: list[TensorMap], layer: int) -> list[TensorMap]:
-    """The per-layer maps that apply to layer `layer` (dense MLP or routed experts)."""
-    moe = c.is_moe_layer(layer)
-    return [m for m in maps if m.moe is None or m.moe == moe]
+# BERT/RoBERTa: position/token-type id buffers, the MLM decoder's tied copies of the word embeddings and output
+# bias, and the pooler and next-sentence head of pretraining checkpoints (unused by masked LM).
+IGNORED_SUFFIXES += (".embeddings.position_ids", ".embeddings.token_type_ids", "predictions.decoder.weight",
+                     "predictions.decoder.bias", "lm_head.decoder.weight", "lm_head.decoder.bias",
+                     ".pooler.dense.weight", ".pooler.dense.bias", "cls.seq_relationship.weight",
+                     "cls.seq_relationship.bias")
 
 
 def family_of(hf_config: dict) -> str:
@@ -123,12 +99,6 @@ def _rope(hf: dict) -> dict:
     elif rope_type != "default":
         raise ConfigError(f"config.json rope_type={rope_type!r} is not supported; jaxlm supports 'default' and 'llama3'")
     return out
-
-
-def _require(hf: dict, key: str, allowed, what: str) -> None:
-    value = hf.get(key, allowed[0])
-    if value not in allowed:
-        raise ConfigError(f"config.json {key}={value!r} is not supported ({what}); expected one of {allowed}")
 
 
 def model_config(hf: dict, base: ModelConfig = ModelConfig(), platform: str | None = None) -> ModelConfig:
@@ -184,10 +154,14 @@ def safe_platform(distributed: DistributedConfig = DistributedConfig()) -> str:
 
 
 def _model_config(hf: dict, base: ModelConfig, family: str) -> ModelConfig:
+    if family in ("bert", "roberta"):
+        return bert_family.model_config(hf, base, family)
+    if family in ("t5", "mt5", "umt5"):
+        return t5_family.model_config(hf, base, family)
     if family == "gpt2":
-        _require(hf, "activation_function", ["gelu_new", "gelu_pytorch_tanh"], "GPT-2 MLP activation")
-        _require(hf, "scale_attn_by_inverse_layer_idx", [False], "per-layer attention scaling")
-        _require(hf, "scale_attn_weights", [True], "unscaled attention")
+        require(hf, "activation_function", ["gelu_new", "gelu_pytorch_tanh"], "GPT-2 MLP activation")
+        require(hf, "scale_attn_by_inverse_layer_idx", [False], "per-layer attention scaling")
+        require(hf, "scale_attn_weights", [True], "unscaled attention")
         d, n = hf["n_embd"], hf["n_head"]
         return dataclasses.replace(
             base, architecture="gpt2", vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["n_layer"],
@@ -196,12 +170,12 @@ def _model_config(hf: dict, base: ModelConfig, family: str) -> ModelConfig:
             qk_norm=False, tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=0,
             rope_scaling_factor=0.0, **DENSE,
         )
-    _require(hf, "hidden_act", ["silu"], "SwiGLU MLP activation")
-    _require(hf, "mlp_bias", [False], "MLP biases")
+    require(hf, "hidden_act", ["silu"], "SwiGLU MLP activation")
+    require(hf, "mlp_bias", [False], "MLP biases")
     if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        _require(hf, "use_sliding_window", [False], "per-layer sliding windows")
+        require(hf, "use_sliding_window", [False], "per-layer sliding windows")
     if family not in ("qwen2", "qwen2_moe"):  # Qwen2 has q/k/v biases; elsewhere attention_bias also biases o_proj
-        _require(hf, "attention_bias", [False], "a bias on o_proj")
+        require(hf, "attention_bias", [False], "a bias on o_proj")
     n = hf["num_attention_heads"]
     model = dataclasses.replace(
         base, architecture="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
@@ -218,20 +192,15 @@ def _model_config(hf: dict, base: ModelConfig, family: str) -> ModelConfig:
     return model
 
 
-# The mixture-of-experts shape of a dense model (whatever `base` had).
-DENSE = dict(num_experts=0, expert_mlp_dim=0, shared_expert_dim=0, shared_expert_gate=False, moe_first_layer=0,
-             moe_every=1)
-
-
 def _moe(hf: dict, base: ModelConfig, family: str) -> dict:
     """The ModelConfig mixture-of-experts fields of a Hugging Face config."""
     if family not in MOE_FAMILIES:
         return DENSE
     # Routers other than softmax-then-top-k (DeepSeek-style configs that name these fields).
-    _require(hf, "scoring_func", ["softmax", None], "router scoring")
-    _require(hf, "topk_method", ["greedy", None], "router top-k method")
-    _require(hf, "n_group", [None, 0, 1], "grouped expert routing")
-    _require(hf, "routed_scaling_factor", [None, 1, 1.0], "scaled expert outputs")
+    require(hf, "scoring_func", ["softmax", None], "router scoring")
+    require(hf, "topk_method", ["greedy", None], "router top-k method")
+    require(hf, "n_group", [None, 0, 1], "grouped expert routing")
+    require(hf, "routed_scaling_factor", [None, 1, 1.0], "scaled expert outputs")
     coef = hf.get("router_aux_loss_coef")
     out = dict(DENSE, experts_per_token=hf["num_experts_per_tok"], router="softmax_topk",
                router_aux_loss=base.router_aux_loss if coef is None else float(coef))
@@ -284,6 +253,10 @@ def _moe_layout(hf: dict, num_layers: int) -> dict:
 
 def family_for(c: ModelConfig) -> str:
     """The Hugging Face family a jaxlm model exports as."""
+    if c.architecture == "bert":
+        return bert_family.family_for(c)
+    if c.architecture == "t5":
+        return t5_family.family_for(c)
     if c.num_labels and (c.architecture == "gpt2" or c.num_experts):
         # Hugging Face has such classifiers, but jaxlm maps only the dense LLaMA-style ones (CLASSIFIERS).
         raise ConfigError(f"a {'GPT-2' if c.architecture == 'gpt2' else 'mixture-of-experts'} model with "
@@ -346,6 +319,8 @@ def hf_config(c: ModelConfig, template: dict | None, dtype: str, tokens: dict | 
         source = family_of(out)
         if source == "mistral" and family == "llama":
             family = "mistral"  # a Mistral without a sliding window looks like LLaMA but stays Mistral
+        elif source == "mt5" and family == "t5" and not c.tie_embeddings:
+            family = "mt5"  # an mT5 is a T5 v1.1 (untied) and stays mT5
         elif source != family:
             out = {k: out[k] for k in TOKEN_IDS if k in out}
     else:
@@ -356,6 +331,12 @@ def hf_config(c: ModelConfig, template: dict | None, dtype: str, tokens: dict | 
     if c.num_labels:
         _classifier_fields(out, c, tokens)
     out.pop("torch_dtype", None)
+    if family in ("bert", "roberta"):
+        bert_family.hf_config_fields(out, c, family)
+        return out
+    if family in ("t5", "mt5", "umt5"):
+        t5_family.hf_config_fields(out, c, family)
+        return out
     if family == "gpt2":
         out.update(n_embd=c.d_model, n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.mlp_dim,
                    n_positions=c.max_seq_len, layer_norm_epsilon=c.norm_eps, activation_function="gelu_new")
@@ -424,6 +405,10 @@ def tensor_maps(c: ModelConfig, fused_experts: bool = False) -> tuple[list[Tenso
     holds in memory (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), which some writers save."""
     if c.num_labels:
         family_for(c)  # a classifier Hugging Face has no layout for is an error, not a made-up one
+    if c.architecture == "bert":
+        return bert_family.tensor_maps(c)
+    if c.architecture == "t5":
+        return t5_family.tensor_maps(c)
     return _gpt2_maps(c) if c.architecture == "gpt2" else _llama_maps(c, fused_experts)
 
 
@@ -534,19 +519,3 @@ def _gpt2_maps(c: ModelConfig):
         TensorMap(p + "mlp.c_proj.bias", ("mlp", "down_bias"), (d,), (d,), (0,)),
     ]
     return top, layer
-
-
-def view_groups(m: TensorMap) -> list[list[int]]:
-    """For each HF axis, the view axes it splits into."""
-    groups, axis = [], 0
-    for size in m.hf_shape:
-        group, prod = [], 1
-        while prod < size or not group:
-            group.append(axis)
-            prod *= m.view[axis]
-            axis += 1
-        if prod != size:
-            raise AssertionError(f"view {m.view} does not split {m.hf_shape} ({m.hf})")
-        groups.append(group)
-    assert axis == len(m.view) and math.prod(m.view) == math.prod(m.hf_shape)
-    return groups

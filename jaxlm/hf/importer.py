@@ -21,10 +21,10 @@ from jax.sharding import Mesh
 from jaxlm.core import atomic, rundir, sharded_init
 from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
 from jaxlm.core.sharding import tree_shardings
-from jaxlm.hf import families, tokenizer as hf_tokenizer
-from jaxlm.hf.families import TensorMap
+from jaxlm.hf import families, tensor_map, tokenizer as hf_tokenizer
+from jaxlm.hf.tensor_map import TensorMap
 from jaxlm.hf.tensors import SafetensorsDir, few
-from jaxlm.model.transformer import Transformer
+from jaxlm.model import architectures
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _one_block(ckpt: SafetensorsDir, m: TensorMap, name: str, index: tuple[slice
     view_index = [slice(*s.indices(n)) for s, n in zip(view_index, m.view)]
     # Each HF axis is read over the range of its outermost view axis; inner axes are sliced afterwards.
     read, after, block_view = [], [], []
-    for group in families.view_groups(m):
+    for group in tensor_map.view_groups(m):
         inner = int(np.prod([m.view[a] for a in group[1:]]))
         outer = view_index[group[0]]
         read.append(slice(outer.start * inner, outer.stop * inner))
@@ -111,14 +111,18 @@ def check(ckpt: SafetensorsDir, c: ModelConfig, maps: tuple[list[TensorMap], lis
     """Raises ConfigError naming every missing, misshaped or unexpected tensor."""
     top, layer = maps or families.tensor_maps(c)
     expected = {m.hf: m.hf_shape for m in top}
-    for i in range(c.num_layers):
-        expected.update({name: m.hf_shape for m in families.layer_maps(c, layer, i) for name in m.names(i)})
+    for m, i in tensor_map.all_layers(c, layer):
+        expected.update({name: m.hf_shape for name in m.names(i)})
     present = set(ckpt.names())
     missing = sorted(set(expected) - present)
     misshaped = [f"{n} {list(ckpt.shape(n))} (expected {list(s)})" for n, s in expected.items()
                  if n in present and ckpt.shape(n) != s]
     # Some writers keep the tied copy; a classifier has no vocabulary head to tie.
     ignored = {"lm_head.weight"} if c.tie_embeddings and not c.num_labels else set()
+    if c.encoder_decoder:
+        from jaxlm.hf.t5_family import IGNORED
+
+        ignored |= set(IGNORED)
     unexpected = sorted(n for n in present - set(expected) - ignored if not n.endswith(families.IGNORED_SUFFIXES))
     problems = []
     if missing:
@@ -138,6 +142,10 @@ def open_checkpoint(hf_dir: str, c: ModelConfig) -> tuple[SafetensorsDir, tuple[
     if c.architecture == "gpt2" and not any(n.startswith("transformer.") for n in ckpt.names()):
         # The original GPT-2 uploads name tensors without the GPT2LMHeadModel prefix.
         ckpt.entries = {f"transformer.{n}": e for n, e in ckpt.entries.items()}
+    if c.architecture == "bert":  # older BERT uploads say LayerNorm.gamma/beta
+        from jaxlm.hf.bert_family import legacy_name
+
+        ckpt.entries = {legacy_name(n): e for n, e in ckpt.entries.items()}
     maps = families.tensor_maps(c, fused_experts(ckpt, c))
     check(ckpt, c, maps)
     return ckpt, maps
@@ -146,16 +154,15 @@ def open_checkpoint(hf_dir: str, c: ModelConfig) -> tuple[SafetensorsDir, tuple[
 def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) -> dict:
     """The model's parameters from `hf_dir`, each array on its target sharding (jaxlm.core.sharding rules)."""
     ckpt, (top, layer) = open_checkpoint(hf_dir, c)
-    model = Transformer(c, "xla")
+    model = architectures.build(c)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     shardings = traverse_util.flatten_dict(tree_shardings(boxed, mesh), is_leaf=lambda _, x: not isinstance(x, dict))
     abstract = traverse_util.flatten_dict(sharded_init.strip_boxes(boxed))
     jobs = [(m, None, m.path) for m in top]
-    if c.scan_layers:  # one stack: every layer of one kind (a dense/MoE mix cannot scan)
-        jobs += [(m, "stacked", ("layers", *m.path)) for m in families.layer_maps(c, layer, 0)]
+    if c.scan_layers:  # one array per stack and map: every layer of one kind (a dense/MoE mix cannot scan)
+        jobs += [(m, "stacked", tensor_map.layer_path(c, m, 0)) for m in tensor_map.layer_maps(c, layer, 0)]
     else:
-        jobs += [(m, i, (f"layers_{i}", *m.path))
-                 for i in range(c.num_layers) for m in families.layer_maps(c, layer, i)]
+        jobs += [(m, i, tensor_map.layer_path(c, m, i)) for m, i in tensor_map.all_layers(c, layer)]
     if sorted(p for _, _, p in jobs) != sorted(abstract):
         raise AssertionError(f"tensor maps do not cover the model: {sorted(set(abstract) ^ {p for _, _, p in jobs})}")
 
@@ -168,7 +175,7 @@ def load_params(hf_dir: str, c: ModelConfig, mesh: Mesh, progress: bool = True) 
         def read(index, m=m, where=where, dtype=target.dtype):
             index = index or (slice(None),) * len(target.shape)
             if where == "stacked":  # fill one array layer by layer: a single copy, converted on assignment
-                layers = range(*index[0].indices(c.num_layers))
+                layers = range(*index[0].indices(tensor_map.stack_depth(c, m.stack)))
                 first = _block(ckpt, m, layers[0], index[1:])
                 out = np.empty((len(layers), *first.shape), dtype)
                 out[0] = first

@@ -27,8 +27,13 @@ class LoadedRun:
     mesh: object = None  # the jax.sharding.Mesh the params are sharded over
 
 
+DECODER_ONLY = ("llama", "gpt2")
+GENERATES = (*DECODER_ONLY, "t5")
+
+
 def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
-             block_size: int = 128, language_model: bool = True) -> LoadedRun:
+             block_size: int = 128, language_model: bool = True,
+             architectures: tuple[str, ...] | None = None, purpose: str = "") -> LoadedRun:
     """Loads the params of `step` (default: the latest), optionally weight-only quantized
     (`jaxlm.model.quantize` formats int8, int4, nf4). With `language_model`, a classifier run (a reward
     model) is a one-line error: it has no vocabulary head to generate or score text with."""
@@ -41,6 +46,11 @@ def load_run(run_dir: str, step: int | None = None, quantize: str | None = None,
         raise ConfigError(f"{run_dir} is a {'reward model' if config.model.num_labels == 1 else 'classifier'} "
                           f"(model.num_labels={config.model.num_labels}): it scores text and has no vocabulary head "
                           "to generate or evaluate with; export it with jaxlm convert to-hf")
+    arch = config.model.architecture
+    if architectures is not None and arch not in architectures:
+        kinds = {"bert": "an encoder (it fills in masked tokens)", "t5": "an encoder-decoder"}.get(arch, arch)
+        raise ConfigError(f"{run_dir} is {kinds}, model.architecture={arch}; {purpose or 'this command'} runs "
+                          f"model.architecture={' or '.join(architectures)}")
     tokenizer = tokenizer_lib.load_for_run(run_dir)  # tokenizer.json (imported models) or tokenizer.model
     if tokenizer.vocab_size() > config.model.vocab_size:
         raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size()} pieces but the model has "

@@ -3,6 +3,10 @@
 All take q (B, T, N, H), k and v (B, S, K, H) with K dividing N (GQA/MQA), and per-token segment ids
 (B, T) for packed rows: a token attends only to earlier tokens of its own segment, and, with a sliding
 window W, only to the W most recent of those (itself included).
+
+Prefix-LM rows (`prefix_mask` (B, T), 1 inside a document's bidirectional prefix) also let a prefix token
+attend every prefix token of its segment, later ones included; those prefix pairs ignore the sliding window
+(the prefix is one bidirectional context, however long). Only the XLA path implements it.
 """
 
 from __future__ import annotations
@@ -31,16 +35,30 @@ def resolve(impl: str, platform: str | None = None) -> str:
     return impl
 
 
-def make_mask(segment_ids: jax.Array, sliding_window: int) -> jax.Array:
-    """Boolean (B, 1, T, T) mask: causal, same segment, and within the window."""
-    t = segment_ids.shape[1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
+def _causal(q_lo: int, q_hi: int, k_lo: int, k_hi: int, sliding_window: int) -> jax.Array:
+    """Boolean (q_hi - q_lo, k_hi - k_lo): key j is not after query i and, with a window, within it."""
+    q_idx = jnp.arange(q_lo, q_hi)[:, None]
+    k_idx = jnp.arange(k_lo, k_hi)[None, :]
     allowed = k_idx <= q_idx
     if sliding_window:
         allowed &= q_idx - k_idx < sliding_window
+    return allowed
+
+
+def _prefix_pairs(prefix_mask, q_lo: int, q_hi: int, k_lo: int, k_hi: int) -> jax.Array:
+    """Boolean (B, q_hi - q_lo, k_hi - k_lo): query and key both inside a prefix (segments tested apart)."""
+    pm = prefix_mask.astype(bool)
+    return pm[:, q_lo:q_hi, None] & pm[:, None, k_lo:k_hi]
+
+
+def make_mask(segment_ids: jax.Array, sliding_window: int, prefix_mask: jax.Array | None = None) -> jax.Array:
+    """Boolean (B, 1, T, T) mask: same segment, and causal within the window (or a prefix pair)."""
+    t = segment_ids.shape[1]
+    allowed = _causal(0, t, 0, t, sliding_window)[None]
+    if prefix_mask is not None:
+        allowed = allowed | _prefix_pairs(prefix_mask, 0, t, 0, t)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (allowed[None] & same)[:, None]
+    return (allowed & same)[:, None]
 
 
 def _masked_attention(q, k, v, allowed, seg_q, seg_k):
@@ -57,11 +75,12 @@ def _masked_attention(q, k, v, allowed, seg_q, seg_k):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
-def xla_attention(q, k, v, segment_ids, sliding_window: int = 0, max_blocks: int = 8):
+def xla_attention(q, k, v, segment_ids, sliding_window: int = 0, max_blocks: int = 8, prefix_mask=None):
     """The reference path, in query blocks: block i only reads the keys it can see (causal, window).
 
     Skipping the fully masked key blocks roughly halves the work of causal attention; the result is
-    the same as one masked softmax over the whole square.
+    the same as one masked softmax over the whole square. With `prefix_mask` (B, T) the rows are
+    prefix-LM rows (module docstring; `_prefix_block`).
     """
     t = q.shape[1]
     block = max(64, -(-t // max_blocks))
@@ -69,16 +88,44 @@ def xla_attention(q, k, v, segment_ids, sliding_window: int = 0, max_blocks: int
     for start in range(0, t, block):
         end = min(start + block, t)
         k_start = max(0, start - sliding_window + 1) if sliding_window else 0
-        q_idx = jnp.arange(start, end)[:, None]
-        k_idx = jnp.arange(k_start, end)[None, :]
-        allowed = k_idx <= q_idx
-        if sliding_window:
-            allowed &= q_idx - k_idx < sliding_window
+        if prefix_mask is not None:
+            outs.append(_prefix_block(q, k, v, segment_ids, prefix_mask, start, end, k_start, sliding_window))
+            continue
         outs.append(_masked_attention(
-            q[:, start:end], k[:, k_start:end], v[:, k_start:end], allowed,
+            q[:, start:end], k[:, k_start:end], v[:, k_start:end], _causal(start, end, k_start, end, sliding_window),
             segment_ids[:, start:end], segment_ids[:, k_start:end],
         ))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _prefix_block(q, k, v, segment_ids, prefix_mask, start: int, end: int, k_start: int, sliding_window: int):
+    """Prefix-LM attention of the query block [start, end).
+
+    A prefix query may see keys outside the causal range [k_start, end) that the blocked loop reads: later
+    prefix keys of its segment (and, with a window, earlier ones beyond it). Which blocks need them depends on
+    the data, and shapes are static, so each block computes a cheap boolean (no head or feature axis): does
+    any same-segment prefix pair fall outside that range? A `lax.cond` then runs the block over all T keys
+    only if so, and otherwise over the causal range (with the in-range prefix pairs) at the causal cost. In a
+    batch whose prefixes end early, the blocks past them keep the causal saving; a prefix crossing a block
+    boundary costs only its own blocks. Both branches give the same softmax where the predicate is false (the
+    keys left out are all masked), so the choice never changes the result beyond rounding.
+    """
+    t = q.shape[1]
+    seg_q = segment_ids[:, start:end]
+
+    def over(lo: int, hi: int):  # the block's attention over keys [lo, hi)
+        allowed = _causal(start, end, lo, hi, sliding_window)[None] | _prefix_pairs(prefix_mask, start, end, lo, hi)
+        return _masked_attention(q[:, start:end], k[:, lo:hi], v[:, lo:hi], allowed, seg_q, segment_ids[:, lo:hi])
+
+    if k_start == 0 and end == t:  # the causal range is already every key
+        return over(0, t)
+    outside = [(0, k_start)] if k_start else []
+    outside += [(end, t)] if end < t else []
+    wide_needed = jnp.zeros((), bool)
+    for lo, hi in outside:
+        same = seg_q[:, :, None] == segment_ids[:, None, lo:hi]
+        wide_needed |= jnp.any(_prefix_pairs(prefix_mask, start, end, lo, hi) & same)
+    return jax.lax.cond(wide_needed, lambda: over(0, t), lambda: over(k_start, end))
 
 
 def write_cache(cache_bskh, new_btkh, slot):
@@ -149,10 +196,17 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int = 0, interpret: b
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
 
 
-def attend(q, k, v, segment_ids, *, impl: str, sliding_window: int = 0, interpret: bool = False):
-    """`interpret` runs the splash kernel through the Pallas interpreter (CPU tests)."""
+def attend(q, k, v, segment_ids, *, impl: str, sliding_window: int = 0, interpret: bool = False,
+           prefix_mask=None):
+    """`interpret` runs the splash kernel through the Pallas interpreter (CPU tests); `prefix_mask` (B, T)
+    makes the rows prefix-LM rows (XLA only)."""
+    if prefix_mask is not None and impl in ("cudnn", "splash"):
+        # Splash's masks are static, not per row; cuDNN would need a dense (B, T, T) mask and lose its causal
+        # block skipping. Checked before any kernel is built.
+        raise ConfigError(f"prefix-LM attention (a batch with prefix_mask) runs only on the XLA path, not "
+                          f"model.attention={impl}: set model.attention=xla")
     if impl == "xla":
-        return xla_attention(q, k, v, segment_ids, sliding_window)
+        return xla_attention(q, k, v, segment_ids, sliding_window, prefix_mask=prefix_mask)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids, sliding_window)
     if impl == "splash":

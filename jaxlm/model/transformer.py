@@ -42,11 +42,11 @@ class Attention(nn.Module):
     impl: str  # a resolved kernel name: xla, cudnn or splash
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None, prefix_mask_bt=None):
         """With `layer_cache` ({"k", "v"}: (B, S, K, H)) the new keys and values are written at slot
         `decode["slot"]` (one for all rows, or one per row) and the queries attend over the whole cache (keys
-        marked in `decode["valid"]`).
-        Returns (output, updated layer cache or None)."""
+        marked in `decode["valid"]`); that path is causal and ignores `prefix_mask_bt` (prefix-LM attention,
+        `jaxlm.model.attention`). Returns (output, updated layer cache or None)."""
         c = self.config
         dt = compute_dtype(c)
         h = c.resolved_head_dim
@@ -79,9 +79,8 @@ class Attention(nn.Module):
             out_btnh = context_parallel.sharded_ring_attention(
                 q_btnh, k_btkh, v_btkh, segment_ids_bt, sliding_window=c.sliding_window)
         elif layer_cache is None:
-            out_btnh = attention.attend(
-                q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl, sliding_window=c.sliding_window
-            )
+            out_btnh = attention.attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, impl=self.impl,
+                                        sliding_window=c.sliding_window, prefix_mask=prefix_mask_bt)
         else:
             layer_cache = {"k": attention.write_cache(layer_cache["k"], k_btkh, decode["slot"]),
                            "v": attention.write_cache(layer_cache["v"], v_btkh, decode["slot"])}
@@ -116,12 +115,12 @@ class Block(nn.Module):
     moe: bool = False  # routed experts (jaxlm.model.moe) instead of the dense MLP
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, layer_cache=None, decode=None, prefix_mask_bt=None):
         c = self.config
         x_btd = constrain(x_btd, BTD)
         h_btd = norm(c, "attn_norm")(x_btd)
         attn_btd, layer_cache = Attention(c, self.impl, name="attn")(
-            h_btd, positions_bt, segment_ids_bt, layer_cache, decode)
+            h_btd, positions_bt, segment_ids_bt, layer_cache, decode, prefix_mask_bt)
         x_btd = x_btd + attn_btd
         h_btd = norm(c, "mlp_norm")(x_btd)
         if self.moe:
@@ -138,9 +137,10 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None, decode=None,
-                 hidden: bool = False):
+                 hidden: bool = False, prefix_mask=None):
         """Returns float32 logits (B, T, V) (a classifier's: (B, T, num_labels)). Segment ids separate packed
-        documents; 0 marks padding.
+        documents; 0 marks padding. `prefix_mask` (B, T), 1 inside each document's prefix, makes the rows
+        prefix-LM rows: prefix tokens attend to each other both ways (`jaxlm.model.attention`).
 
         With `hidden`, returns instead the final (normed) hidden states (B, T, D) and the output head (V, D),
         both in the compute dtype, for a loss that forms the logits a piece at a time
@@ -149,15 +149,21 @@ class Transformer(nn.Module):
         For decoding, `cache` holds every layer's keys and values ({"k", "v"}: (L, B, S, K, H), see
         `jaxlm.inference.generate`; with unrolled layers it may be a list of L {"k", "v"} (B, S, K, H), which
         each layer updates in place, where slicing and restacking would copy the whole cache every step) and `decode` says where to write ({"slot"}) and which slots hold tokens ({"valid"});
-        the call then returns (logits, updated cache).
+        the call then returns (logits, updated cache). Decoding is causal: a prefix-LM model's prompt is then
+        read causally too (prefilling it bidirectionally is not implemented), and `prefix_mask` is ignored.
         """
         c = self.config
+        if cache is not None:
+            prefix_mask = None
         dt = compute_dtype(c)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
         shards = sequence_shards() if cache is None and not self.is_initializing() else 1
+        if prefix_mask is not None and shards > 1:  # config validation rejects this too; a second guard
+            raise ConfigError("prefix-LM attention (prefix_mask) cannot run with context parallelism "
+                              "(mesh.sequence > 1): use mesh.fsdp/tensor/data")
         if shards > 1:
             # Context parallelism: every layer sees the row in zigzag order (balanced causal work per
             # sequence shard, jaxlm.model.context_parallel); only attention depends on the order, and it
@@ -180,23 +186,25 @@ class Transformer(nn.Module):
         if c.remat != "none" and cache is None:  # decoding takes no gradients
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
         stages = self._pipeline_on(cache, tokens_bt.shape[0])
+        if prefix_mask is not None and stages is not None:  # config validation rejects this too
+            raise ConfigError("prefix-LM attention (prefix_mask) cannot run in pipeline stages (mesh.stage > 1): "
+                              "use mesh.fsdp/tensor/data")
         if stages is not None:
             x_btd = self._pipelined(x_btd, positions_bt, segment_ids_bt, *stages)
         elif c.scan_layers:
             # The cache is scanned over its leading layer axis; everything else is the same for each layer.
-            in_axes = nn.broadcast if cache is None else (nn.broadcast, nn.broadcast, 0, nn.broadcast)
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if cache is None else 0, nn.broadcast, nn.broadcast)
             layers = nn.scan(
                 block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                 in_axes=in_axes, length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, self.impl, c.num_experts > 0, name="layers")
-            extra = () if cache is None else (cache, decode)
-            x_btd, cache = layers(x_btd, positions_bt, segment_ids_bt, *extra)
+            x_btd, cache = layers(x_btd, positions_bt, segment_ids_bt, cache, decode, prefix_mask)
         else:
             per_layer, listed = [], isinstance(cache, list)
             for i in range(c.num_layers):
                 layer_cache = cache[i] if listed else None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
                 x_btd, layer_cache = block(c, self.impl, c.is_moe_layer(i), name=f"layers_{i}")(
-                    x_btd, positions_bt, segment_ids_bt, layer_cache, decode)
+                    x_btd, positions_bt, segment_ids_bt, layer_cache, decode, prefix_mask)
                 per_layer.append(layer_cache)
             if cache is not None:
                 cache = per_layer if listed else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)

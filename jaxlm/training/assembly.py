@@ -19,6 +19,7 @@ import logging
 import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import optax
 
@@ -26,9 +27,9 @@ from jaxlm.core import distributed, flops, sharded_init
 from jaxlm.core.config import Config, ConfigError
 from jaxlm.core.sharding import BATCH_AXES
 from jaxlm.core.train_state import TrainState
-from jaxlm.model import attention, context_parallel, lora as lora_lib, pipeline
+from jaxlm.data.objective_rows import target_length
+from jaxlm.model import architectures, attention, context_parallel, lora as lora_lib, pipeline
 from jaxlm.model.pipeline import Pipeline
-from jaxlm.model.transformer import Transformer
 from jaxlm.training import base, hooks, objectives, optim
 from jaxlm.training.checkpoint import Checkpointer
 from jaxlm.training.losses import resolve_chunks
@@ -46,7 +47,7 @@ class ModelSpec:
     """What every site that trains, plans, benchmarks or loads a model builds from a config."""
 
     config: Config
-    model: Transformer
+    model: nn.Module
     tx: optax.GradientTransformation
     init: Callable[[], TrainState]  # boxed params and optimizer state, for sharded_init
     apply_fn: Callable  # the model's apply, or LoRA's (adapters merged on the fly)
@@ -68,7 +69,7 @@ def build(config: Config, impl: str | None = None) -> ModelSpec:
     """The model and its optimizer; with `lora.targets`, adapters train and the base is frozen."""
     t = config.train
     pipe = Pipeline(t.pipeline_microbatches, t.pipeline_repeats)
-    model = Transformer(config.model, impl or attention.resolve(config.model.attention), pipe)
+    model = architectures.build(config.model, impl or _attention(config), pipe)
     c, steps, seed = config.lora, config.train.steps, config.train.seed
     if not c.targets:
         tx = optim.build_optimizer(config.optim, steps, sharded_init.abstract_params(model))
@@ -76,6 +77,17 @@ def build(config: Config, impl: str | None = None) -> ModelSpec:
     lo = lora_lib.Lora(model, c, sharded_init.boxed_params(model))
     tx = optim.build_optimizer(config.optim, steps, lo.abstract_params(seed), trainable=lo.trainable)
     return ModelSpec(config, model, tx, lo.make_init_fn(tx, seed), lo.apply, "lora", lo)
+
+
+def _attention(config: Config) -> str:
+    """The attention kernel: `model.attention` resolved for the platform. Prefix-LM rows need the XLA path
+    (cuDNN's and splash's masks are causal), which `auto` then picks."""
+    chosen = config.model.attention
+    prefix = config.objective.kind == "prefix_lm" or config.objective.prefix_lm
+    if prefix and chosen in ("cudnn", "splash"):
+        raise ConfigError(f"model.attention={chosen} has no prefix-LM mask (objective.kind={config.objective.kind}); "
+                          "use model.attention=auto or xla")
+    return "xla" if prefix else attention.resolve(chosen)
 
 
 def abstract_state(spec: ModelSpec, mesh) -> TrainState:
@@ -249,7 +261,7 @@ def run_loop(run: Run, run_dir: str, compiled, first_batch, batches, evaluate=No
     watchdog = Watchdog(d.watchdog_s, jax.process_index(), jax.process_count())
     loop = Loop(t.steps, run.mesh, t.on_nonfinite, watchdog)
     peak = (t.peak_flops or flops.peak_flops_per_device()) * jax.device_count()
-    loop.add_hook(hooks.LogMetrics(writer, t.log_every, run.start, t.steps, flops.flops_per_token(config.model, t.seq_len),
+    loop.add_hook(hooks.LogMetrics(writer, t.log_every, run.start, t.steps, flops.flops_per_token(config.model, t.seq_len, target_length(config)),
                                    peak, t.progress and jax.process_index() == 0))
     if evaluate:
         loop.add_hook(hooks.Evaluate(evaluate, writer, t.eval_every, t.steps))

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,7 @@ from jaxlm.core import atomic, overrides, rundir, sharded_init
 from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
 from jaxlm.core.sharding import path_str, tree_shardings
 from jaxlm.hf import families, importer, peft, tokenizer as hf_tokenizer
-from jaxlm.model import attention, lora as lora_lib
-from jaxlm.model.transformer import Transformer
+from jaxlm.model import architectures, attention, lora as lora_lib
 from jaxlm.training.checkpoint import Checkpointer
 
 # Settings of the base model that a run starting from it chooses for itself.
@@ -147,7 +147,7 @@ def load_params(config: Config, model, mesh, progress: bool = True):
     if is_hf(ref):
         params = importer.load_params(directory(ref), base_model, mesh, progress=progress)
     else:
-        params = run_params(directory(ref), model if same else Transformer(base_model), mesh)
+        params = run_params(directory(ref), model if same else architectures.build(base_model), mesh)
     if labels != config.model.num_labels:
         params = new_head(params, model, mesh, config.train.seed)
     return params if value == config.model.value_head else value_head(params, model, mesh)
@@ -179,10 +179,10 @@ def value_head(params: dict, model, mesh) -> dict:
     return {**params, "value": jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()}
 
 
-def run_model(ref: str, mesh) -> tuple[Transformer, dict]:
+def run_model(ref: str, mesh) -> tuple[nn.Module, dict]:
     """The latest model of the run directory `ref` as that run computes it (a LoRA run's: merged), on `mesh`."""
     saved = _run_config(directory(ref)).model
-    model = Transformer(saved, attention.resolve(saved.attention))
+    model = architectures.build(saved, attention.resolve(saved.attention))
     return model, run_params(directory(ref), model, mesh)
 
 

@@ -27,9 +27,9 @@ from jaxlm.core import atomic, rundir
 from jaxlm.core.config import RL_TASKS, Config, ConfigError
 from jaxlm.core.overrides import to_dict
 from jaxlm.core.sharding import global_batch
-from jaxlm.data import chat, packing, pipeline, tokenizer as tokenizer_lib
+from jaxlm.data import chat, objective_rows, packing, pipeline, tokenizer as tokenizer_lib
 from jaxlm.model import lora as lora_lib
-from jaxlm.training import assembly, base, dpo, reward, rl, sft
+from jaxlm.training import assembly, base, dpo, reward, rl, seq2seq, sft
 from jaxlm.training.checkpoint import save_params
 from jaxlm.training.evaluate import Evaluator
 from jaxlm.training.loop import LoopResult
@@ -90,7 +90,7 @@ def load_tokenizer(config: Config):
     texts = [str(m.get("content", "")) for _, row in read_rows(config) if isinstance(row, dict)
              for m in (row.get("messages") or []) if isinstance(m, dict)]
     texts += [str(row.get(k, "")) for _, row in read_rows(config) if isinstance(row, dict)
-              for k in ("prompt", "response", "chosen", "rejected") if isinstance(row.get(k), str)]
+              for k in ("prompt", "response", "chosen", "rejected", "input", "target") if isinstance(row.get(k), str)]
     return tokenizer_lib.get(texts + [chat.CHATML], config.model.vocab_size, config.data.tokenizer_type, "",
                              config.data.cache_dir)
 
@@ -107,9 +107,13 @@ def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int)
     order = np.random.default_rng(config.train.seed).permutation(len(rows))
     rows = [rows[i] for i in order]
     encode = lambda text: list(tokenizer.encode(text))
+    target_len = objective_rows.target_length(config)
     if config.task in PAIRS:
         data = PAIRS[config.task](rows, template, encode, seq_len, report)
         n = len(data["chosen_inputs"])
+    elif config.model.encoder_decoder:
+        examples = seq2seq.build_examples(rows, encode, tokenizer.eos_id(), seq_len, target_len, report)
+        n = len(examples)
     else:
         examples = sft.build_examples(rows, template, encode, seq_len, report)
         n = len(examples)
@@ -122,6 +126,9 @@ def build_data(config: Config, template: chat.Template, tokenizer, seq_len: int)
     if config.task in PAIRS:
         split = lambda sl: {k: v[sl] for k, v in data.items()}
         train, held = split(slice(n_eval, None)), (split(slice(0, n_eval)) if n_eval else None)
+    elif config.model.encoder_decoder:
+        pack = lambda part, packed: seq2seq.pack(part, seq_len, target_len, packed, config.model.decoder_start_id)
+        train, held = pack(examples[n_eval:], config.finetune.pack), (pack(examples[:n_eval], False) if n_eval else None)
     else:
         train = sft.pack(examples[n_eval:], seq_len, config.finetune.pack)
         held = sft.pack(examples[:n_eval], seq_len, pack_rows=False) if n_eval else None  # >= batch_size rows

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.model import moe
+from jaxlm.model.architectures import MODEL_INPUTS
 
 from jaxlm.training.losses import head_logits, masked_sums, resolve_chunks, tiled_token_losses, token_losses
 
@@ -36,9 +37,11 @@ class Objective:
 
 
 def forward(apply_fn: Callable, params, batch, rng=None, dropout: bool = False, prefix: str = "", **kwargs):
-    """The model's logits for `batch` (keys inputs/positions/segment_ids, each behind `prefix`)."""
+    """The model's logits for `batch` (keys inputs/positions/segment_ids, and those of `MODEL_INPUTS` it
+    has, each behind `prefix`)."""
     if dropout and rng is not None:
         kwargs["rngs"] = {"dropout": rng}
+    kwargs.update({k: batch[prefix + k] for k in MODEL_INPUTS if prefix + k in batch})
     return apply_fn({"params": params}, batch[f"{prefix}inputs"], batch[f"{prefix}positions"],
                     batch[f"{prefix}segment_ids"], **kwargs)
 
@@ -88,7 +91,8 @@ def next_token(apply_fn: Callable, z_loss: float = 0.0, dropout: bool = False, l
     def loss(params, batch, rng):
         logz, nll, router, _ = per_token_losses(apply_fn, params, batch, batch["targets"], rng, dropout, loss_chunks)
         nll, zl, count = masked_sums(logz, nll, batch["loss_mask"], z_loss)
-        tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+        tokens = sum(jnp.sum(batch[k] > 0) for k in ("segment_ids", "decoder_segment_ids") if k in batch)
+        tokens = tokens.astype(jnp.float32)
         penalty, router_metrics = router_terms(router, count)
         return nll + zl + penalty, {"loss": nll, "weight": count, "tokens": tokens, **router_metrics}
 

@@ -97,7 +97,7 @@ def train(config: Config, tasks: TaskEvaluator | None = None) -> RunSummary:
         # Step s always reads batch s, so without a usable saved position (none yet, or written by a
         # different number of processes) the step itself is the position.
         batches = pipeline.BatchIterator(data.train, t.batch_size, t.seed, config.data.workers,
-                                         start=run.start, saved=run.data_state)
+                                         start=run.start, saved=run.data_state, transform=data.transform)
         objective = assembly.objective(config, spec)
         first = global_batch(next(batches), mesh)
         compiled = assembly.compile_step(spec, objective, run.state, first)
@@ -118,8 +118,9 @@ def _write_run_files(rd: rundir.RunDir, config: Config, start: int, tokenizer_pa
 def _evaluator(config: Config, spec, data, mesh, tasks: TaskEvaluator | None) -> Evaluator | None:
     """Held-out loss over `train.eval_batches` fixed batches, then `train.eval_tasks`."""
     t = config.train
-    batches = ([global_batch(b, mesh) for b in pipeline.eval_batches(data.eval, t.batch_size, t.eval_batches)]
-               if data.eval is not None and t.eval_batches else [])
+    held_out = (pipeline.eval_batches(data.eval, t.batch_size, t.eval_batches, data.transform)
+                if data.eval is not None and t.eval_batches else [])
+    batches = [global_batch(b, mesh) for b in held_out]
     run_tasks = tasks(config, spec.model, data.tokenizer_path) if t.eval_tasks else None
     evaluator = Evaluator(assembly.objective(config, spec, train=False), batches, run_tasks)
     return evaluator if evaluator else None

@@ -72,12 +72,14 @@ def drop_repeats(rows: list[tuple[str, object]], report: Report) -> list[tuple[s
 
 
 def to_messages(row) -> list[dict]:
-    """{"messages": [...]} or {"prompt", "response"} as a list of chat messages. Raises ValueError if neither."""
+    """{"messages": [...]}, {"prompt", "response"} or (seq2seq data) {"input", "target"} as a list of chat
+    messages. Raises ValueError if none."""
     if isinstance(row, dict) and isinstance(row.get("messages"), list):
         return row["messages"]
-    if isinstance(row, dict) and "prompt" in row and "response" in row:
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-    raise ValueError("row has neither 'messages' nor 'prompt' and 'response'")
+    for prompt, response in (("prompt", "response"), ("input", "target")):
+        if isinstance(row, dict) and prompt in row and response in row:
+            return [{"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]
+    raise ValueError("row has neither 'messages' nor 'prompt' and 'response' (nor 'input' and 'target')")
 
 
 def encode_conversation(messages: list[dict], template: chat.Template, encode: Callable[[str], list[int]]):
