@@ -4,6 +4,7 @@ types), export is lossless, packed rows equal their documents alone, the hidden-
 equals unrolled, and a sharded loss and its gradients equal one device's."""
 
 import dataclasses
+import shutil
 import json
 import os
 import re
@@ -263,3 +264,25 @@ def test_flops_count_the_encoder_matmuls():
     weights = [x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
                if not re.search(r"bias|norm|pos_embed|type_embed", jax.tree_util.keystr(p))]
     assert flops.matmul_params(config) == sum(weights)
+
+
+def test_convert_from_hf_makes_an_mlm_run_that_generate_refuses(saved, tmp_path):
+    """`jaxlm convert from-hf` of a BERT needs no architecture or objective: the checkpoint's encoder brings
+    masked LM; the run's logits equal the checkpoint's, and text generation is one line."""
+    from jaxlm.conversion import hf_runs
+    from jaxlm.core.config import ConfigError
+    from jaxlm.inference.load import GENERATES, load_run
+
+    from hf_models import save_tokenizer
+
+    src = str(tmp_path / "src")
+    shutil.copytree(saved["bert"], src)
+    save_tokenizer(src, vocab_size=101)
+    config = hf_runs.from_hf(src, str(tmp_path / "run"))
+    assert config.model.architecture == "bert" and config.objective.kind == "mlm"
+    run = load_run(str(tmp_path / "run"), language_model=True)
+    tokens, mask, types = padded_batch("bert")
+    ours = jaxlm_logits(run.model.config, run.params, tokens, mask, types)
+    np.testing.assert_allclose(ours[mask > 0], hf_mlm_logits(saved["bert"], tokens, mask, types)[mask > 0], atol=1e-4)
+    with pytest.raises(ConfigError, match="is an encoder .* jaxlm generate runs"):
+        load_run(str(tmp_path / "run"), architectures=GENERATES, purpose="jaxlm generate")

@@ -275,3 +275,19 @@ def test_analytic_memory_within_15_percent_of_the_tpu_compiler(words, target):
     assert result.compiled.oom is None
     ratio = result.memory.total / result.compiled.total
     assert 0.85 <= ratio <= 1.15, f"analytic {result.memory.total / GIB:.2f} GiB vs XLA {result.compiled.total / GIB:.2f} GiB"
+
+
+@pytest.mark.parametrize("words, keys", [
+    (["t5_tiny", "train.batch_size=8", "train.seq_len=64", "model.vocab_size=512"], 8),
+    (["tiny", "objective.kind=prefix_lm", "train.batch_size=8", "train.seq_len=64", "model.vocab_size=512"], 6),
+])
+def test_compiled_plan_runs_the_architectures_own_batch(words, keys):
+    """The compiled step of an encoder-decoder reads decoder rows of the targets' length; a prefix-LM one its
+    prefix mask: the batch `jaxlm train` feeds, not a decoder-only one."""
+    config = overrides.load(words + ["mesh.fsdp=4"])
+    lengths = plan_memory.batch_lengths(config)
+    assert len(lengths) == keys
+    if config.model.encoder_decoder:
+        assert lengths["inputs"] == 64 and lengths["targets"] == lengths["decoder_inputs"] == 14  # T5: 70 raw tokens, 10 noise in 3 spans
+    compiled = plan_memory.compiled(config, jax.devices()[:4])
+    assert compiled.oom is None and compiled.total > 0

@@ -15,7 +15,7 @@ import os
 import jax
 
 from jaxlm.core import atomic, mesh as mesh_lib, rundir
-from jaxlm.core.config import Config, ConfigError, validate
+from jaxlm.core.config import Config, ConfigError, validate, with_model
 from jaxlm.core.overrides import to_dict
 from jaxlm.hf import exporter, families, importer, tokenizer as hf_tokenizer
 from jaxlm.inference.load import load_run
@@ -48,7 +48,7 @@ def _write_run(hf_dir: str, out: str, tmp: str, base: Config, model) -> Config:
     # default, could not train its score head anyway. A task the caller chose stays (and fails validation).
     task = "reward" if model.num_labels == 1 and base.task == "pretrain" else base.task
     config = dataclasses.replace(
-        base, name=base.name if base.name != "run" else os.path.basename(out), model=model, task=task,
+        with_model(base, model), name=base.name if base.name != "run" else os.path.basename(out), task=task,
         train=dataclasses.replace(base.train, run_dir=out, seq_len=min(base.train.seq_len, model.max_seq_len)),
         data=dataclasses.replace(base.data, tokenizer=os.path.join(out, tok_file) if tok_file else base.data.tokenizer),
         checkpoint=dataclasses.replace(base.checkpoint, dir=""),

@@ -577,10 +577,41 @@ def validate(config: Config) -> Config:
 RL_TASKS = ("grpo", "ppo")  # `jaxlm rl`
 
 
+def with_model(config: Config, model: ModelConfig) -> Config:
+    """`config` with another model (a checkpoint's), and the objective left at its default (`causal`) turned
+    into the new architecture's own: an imported T5 pretrains with span corruption, a BERT with masked LM."""
+    objective = config.objective
+    if objective.kind == "causal" and (model.encoder_decoder or model.encoder_only):
+        objective = dataclasses.replace(objective, kind="span_corruption" if model.encoder_decoder else "mlm")
+    return dataclasses.replace(config, model=model, objective=objective)
+
+
 def check_objective(config: Config) -> None:
-    """One-line errors for an architecture and an objective that do not fit each other."""
-    m, o = config.model, config.objective
-    arch = m.architecture
+    """One-line errors for an architecture and an objective (or task, or mesh) that do not fit each other.
+    Only pretraining reads `objective`; finetuning trains on its own data (SFT of an encoder-decoder on
+    input/target pairs)."""
+    m, o, arch = config.model, config.objective, config.model.architecture
+    if m.encoder_only and config.task != "pretrain":
+        raise ConfigError(f"task={config.task} needs a model that generates; model.architecture=bert is an encoder, "
+                          "which pretrains with task=pretrain objective.kind=mlm")
+    if m.encoder_decoder and config.task not in ("pretrain", "sft"):
+        raise ConfigError(f"task={config.task} trains decoder-only models; model.architecture={arch} trains with "
+                          "task=pretrain or task=sft")
+    if arch in ("t5", "bert") and (m.num_experts or m.value_head or m.num_labels or m.sliding_window):
+        raise ConfigError(f"model.architecture={arch} has no mixture of experts, value head, classifier head or "
+                          "sliding window; unset model.num_experts/value_head/num_labels/sliding_window")
+    prefix = config.task == "pretrain" and (o.kind == "prefix_lm" or o.prefix_lm)
+    stages = (config.mesh.stage, config.mesh.dcn_stage, config.mesh.sequence, config.mesh.dcn_sequence)
+    if (m.encoder_decoder or m.encoder_only or prefix) and any(s != 1 for s in stages):
+        raise ConfigError("pipeline stages (mesh.stage) and context parallelism (mesh.sequence) run causal "
+                          f"decoder-only models; model.architecture={arch} with objective.kind={o.kind} cannot use "
+                          "them: use mesh.fsdp/tensor/data")
+    if config.task == "pretrain":
+        _check_pretraining_objective(config)
+
+
+def _check_pretraining_objective(config: Config) -> None:
+    m, o, arch = config.model, config.objective, config.model.architecture
     if m.encoder_only and o.kind != "mlm":
         raise ConfigError(f"model.architecture=bert is an encoder: it trains with objective.kind=mlm, not {o.kind}")
     if o.kind == "mlm" and not m.encoder_only:
@@ -594,20 +625,9 @@ def check_objective(config: Config) -> None:
                           "inputs and targets (data.seqio_task); finetune on JSONL pairs with jaxlm finetune task=sft")
     if o.kind == "span_corruption" and not m.encoder_decoder and not o.prefix_lm:
         raise ConfigError("objective.kind=span_corruption on a decoder-only model needs prefix-LM attention over "
-                          "the inputs: set objective.prefix_lm=true (or use model.architecture=t5)")
+                          "the inputs: set objective.prefix_lm=True (or use model.architecture=t5)")
     if o.prefix_lm and (m.encoder_decoder or m.encoder_only):
         raise ConfigError(f"objective.prefix_lm is for decoder-only models; model.architecture={arch} has no causal prefix")
-    if m.architecture in ("t5", "bert") and (m.num_experts or m.value_head or m.num_labels or m.sliding_window):
-        raise ConfigError(f"model.architecture={arch} has no mixture of experts, value head, classifier head or "
-                          "sliding window; unset model.num_experts/value_head/num_labels/sliding_window")
-    if (m.encoder_decoder or m.encoder_only) and config.task not in ("pretrain", "sft"):
-        raise ConfigError(f"task={config.task} trains decoder-only models; model.architecture={arch} trains with "
-                          "task=pretrain or task=sft")
-    stages = (config.mesh.stage, config.mesh.dcn_stage, config.mesh.sequence, config.mesh.dcn_sequence)
-    if (m.encoder_decoder or m.encoder_only or o.kind == "prefix_lm" or o.prefix_lm) and any(s != 1 for s in stages):
-        raise ConfigError("pipeline stages (mesh.stage) and context parallelism (mesh.sequence) run causal "
-                          f"decoder-only models; model.architecture={arch} with objective.kind={o.kind} cannot use "
-                          "them: use mesh.fsdp/tensor/data")
 
 
 def check_rl(config: Config) -> None:

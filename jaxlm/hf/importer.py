@@ -19,7 +19,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from jaxlm.core import atomic, rundir, sharded_init
-from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
+from jaxlm.core.config import Config, ConfigError, ModelConfig, validate, with_model
 from jaxlm.core.sharding import tree_shardings
 from jaxlm.hf import families, tensor_map, tokenizer as hf_tokenizer
 from jaxlm.hf.tensor_map import TensorMap
@@ -54,7 +54,7 @@ def resolve_init_from(config: Config, hf_dir: str) -> Config:
             raise ConfigError(f"{hf_dir} has no {' or '.join(rundir.TOKENIZER_FILES)}; set data.tokenizer to the "
                               f"model's tokenizer")
         data = dataclasses.replace(data, tokenizer=os.path.join(hf_dir, names[0]))
-    return validate(dataclasses.replace(config, model=model, data=data))
+    return validate(dataclasses.replace(with_model(config, model), data=data))
 
 
 def copy_run_files(hf_dir: str, run_dir: str) -> str | None:

@@ -12,6 +12,9 @@ Packed rows: the encoder row and the decoder row of a pair carry matching segmen
 decoder token cross-attends only to the encoder tokens of its own segment. Relative positions come from the
 positions arrays, which restart at every packed example, so a packed example equals the example alone.
 
+Generation (`jaxlm.inference.seq2seq_generate`) runs `encode` once, `cross_kv` once (every decoder layer's
+cross-attention keys and values of the encoder output) and then `decode` with a cache, one token at a time.
+
 Parameters:
     embed/embedding (V, D)
     encoder/relative_bias (R, N)   (not with relative_bias_per_layer: then layers/attn/relative_bias)

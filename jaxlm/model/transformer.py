@@ -182,10 +182,27 @@ class Transformer(nn.Module):
             x_btd = x_btd + jnp.take(pos_embed, positions_bt, axis=0).astype(dt)
         x_btd = constrain(x_btd, BTD)
 
+        x_btd, cache = self._layers(x_btd, positions_bt, segment_ids_bt, cache, decode, prefix_mask)
+
+        if shards > 1:
+            x_btd = constrain(jnp.take(x_btd, context_parallel.inverse_order(zigzag), axis=1), BTD)
+        x_btd = norm(c, "final_norm")(x_btd)
+        if c.value_head:
+            self._values(x_btd)
+        head_vd = self._head(embed)
+        if hidden:
+            return x_btd, head_vd.astype(dt)
+        logits_btv = dense(x_btd, head_vd.T.astype(dt))
+        logits_btv = constrain(logits_btv.astype(jnp.float32), BTV)
+        return logits_btv if cache is None else (logits_btv, cache)
+
+    def _layers(self, x_btd, positions_bt, segment_ids_bt, cache, decode, prefix_mask):
+        """The layers: pipelined over stages, scanned, or unrolled. Returns (x, updated cache or None)."""
+        c = self.config
         block = Block
         if c.remat != "none" and cache is None:  # decoding takes no gradients
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-        stages = self._pipeline_on(cache, tokens_bt.shape[0])
+        stages = self._pipeline_on(cache, x_btd.shape[0])
         if prefix_mask is not None and stages is not None:  # config validation rejects this too
             raise ConfigError("prefix-LM attention (prefix_mask) cannot run in pipeline stages (mesh.stage > 1): "
                               "use mesh.fsdp/tensor/data")
@@ -208,19 +225,7 @@ class Transformer(nn.Module):
                 per_layer.append(layer_cache)
             if cache is not None:
                 cache = per_layer if listed else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-
-        if shards > 1:
-            x_btd = constrain(jnp.take(x_btd, context_parallel.inverse_order(zigzag), axis=1), BTD)
-        x_btd = norm(c, "final_norm")(x_btd)
-        if c.value_head:
-            self._values(x_btd)
-        head_vd = self._head(embed)
-        if hidden:
-            return x_btd, head_vd.astype(dt)
-        logits_btv = dense(x_btd, head_vd.T.astype(dt))
-        logits_btv = constrain(logits_btv.astype(jnp.float32), BTV)
-        return logits_btv if cache is None else (logits_btv, cache)
-
+        return x_btd, cache
 
     def _values(self, x_btd) -> None:
         """A PPO critic's value of every position, float32 (B, T), sown as intermediates "values" so that one

@@ -24,14 +24,27 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 from jaxlm.core import flops, mesh as mesh_lib, sharded_init
 from jaxlm.core.config import Config
 from jaxlm.core.sharding import BATCH_AXES, batch_sharding, logical_sharding, tree_shardings
-from jaxlm.model import attention, experts, pipeline
+from jaxlm.data.objective_rows import target_length
+from jaxlm.model import architectures, attention, experts, pipeline
 from jaxlm.model.pipeline import Pipeline
-from jaxlm.model.transformer import Transformer
 from jaxlm.training import assembly
 from jaxlm.training.losses import resolve_chunks
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 GIB = 1 << 30
+
+
+def batch_lengths(config: Config) -> dict[str, int]:
+    """The training batch's keys and row lengths for the run's architecture and objective: an
+    encoder-decoder's decoder rows are the targets' length (`objective_rows.target_length`); prefix-LM rows
+    carry their prefix mask."""
+    t = config.train
+    if config.model.encoder_decoder:
+        target = target_length(config)
+        return {"inputs": t.seq_len, "positions": t.seq_len, "segment_ids": t.seq_len, "decoder_inputs": target,
+                "decoder_positions": target, "decoder_segment_ids": target, "targets": target, "loss_mask": target}
+    prefix = config.objective.kind == "prefix_lm" or config.objective.prefix_lm
+    return {k: t.seq_len for k in (*BATCH_KEYS, *(("prefix_mask",) if prefix else ()))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +278,8 @@ def compiled(config: Config, devices) -> Compiled:
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, moe_matmul=experts.resolve_matmul(config.model.moe_matmul, platform)))
     spec = _spec(config)
-    model = Transformer(config.model, impl, spec.model.pipeline)  # the step runs the target's attention kernel
+    pipe = Pipeline(config.train.pipeline_microbatches, config.train.pipeline_repeats)
+    model = architectures.build(config.model, impl, pipe)  # the step runs the target's attention kernel
     step_spec = dataclasses.replace(spec, model=model, apply_fn=model.apply)
     step = assembly.step_function(step_spec, assembly.objective(config, step_spec))
     t = config.train
@@ -274,7 +288,8 @@ def compiled(config: Config, devices) -> Compiled:
     with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
         abstract = assembly.abstract_state(spec, mesh)
         sharding = batch_sharding(mesh)
-        batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=sharding) for k in BATCH_KEYS}
+        batch = {k: jax.ShapeDtypeStruct((t.batch_size, n), jnp.int32, sharding=sharding)
+                 for k, n in batch_lengths(config).items()}
         try:
             exe = jax.jit(step, donate_argnums=0).lower(abstract, batch).compile()
         except Exception as e:  # noqa: BLE001 - XlaRuntimeError; anything but an OOM is re-raised

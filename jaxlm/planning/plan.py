@@ -254,7 +254,9 @@ def make_plan(config: Config, target: Target, mfu: float = 0.4, method: str = "a
     if devices is None and method == "compile":
         raise ConfigError(f"--method compile for {target.name}: {note}")
     compiled = plan_memory.compiled(config, devices) if devices is not None else None
-    step_flops = flops.flops_per_token(config.model, config.train.seq_len) * config.train.batch_size * config.train.seq_len
+    lengths = plan_memory.batch_lengths(config)
+    step_flops = (flops.flops_per_token(config.model, config.train.seq_len, lengths["targets"]) * config.train.batch_size
+                  * (lengths["inputs"] + (lengths["targets"] if config.model.encoder_decoder else 0)))
     plan = Plan(target, shape, placement(config.mesh, shape, target, devices), memory, compiled, note, step_flops, mfu,
                 loss_chunks=chunks, microbatches=microbatches, bubble=bubble,
                 all_to_all=all_to_all(config, target, shape))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.core import atomic, overrides, rundir, sharded_init
-from jaxlm.core.config import Config, ConfigError, ModelConfig, validate
+from jaxlm.core.config import Config, ConfigError, ModelConfig, validate, with_model
 from jaxlm.core.sharding import path_str, tree_shardings
 from jaxlm.hf import families, importer, peft, tokenizer as hf_tokenizer
 from jaxlm.model import architectures, attention, lora as lora_lib
@@ -126,7 +126,7 @@ def resolve(config: Config) -> Config:
         names = [n for n in rundir.TOKENIZER_FILES if os.path.isfile(os.path.join(run, n))]
         if names:
             data = dataclasses.replace(data, tokenizer=os.path.join(run, names[0]))
-    return validate(dataclasses.replace(config, model=model, data=data))
+    return validate(dataclasses.replace(with_model(config, model), data=data))
 
 
 def _base_labels(ref: str) -> int:
