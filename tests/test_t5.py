@@ -279,3 +279,17 @@ def test_unsupported_configs_are_one_line_errors(change, fragment, tmp_path):
 def test_models_without_a_t5_layout_do_not_export():
     with pytest.raises(ConfigError, match=r"^model.architecture=t5 with model.mlp_activation=gated_silu .*cannot be"):
         families.hf_config(small_config(mlp_activation="gated_silu"), None, "float32")
+
+
+def test_long_rows_attend_in_query_blocks_with_the_same_result():
+    """Rows of 2 x QUERY_BLOCK queries or more go in blocks (a last partial one here); the result equals one
+    pass over the whole square, bias and padding mask included."""
+    from jaxlm.model import t5
+
+    b, t, s, n, h = 2, 2 * t5.QUERY_BLOCK + 37, 300, 3, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(keys, [(b, t, n, h), (b, s, n, h), (b, s, n, h)]))
+    bias = jax.random.normal(keys[3], (b, n, t, s))
+    allowed = jnp.broadcast_to(jnp.arange(s)[None, None, :] < jnp.array([s, 211])[:, None, None], (b, t, s))
+    whole = t5._biased_block(q, k, v, bias, allowed)
+    np.testing.assert_allclose(t5.biased_attention(q, k, v, bias, allowed), whole, rtol=1e-6, atol=1e-6)
