@@ -277,6 +277,7 @@ def test_analytic_memory_within_15_percent_of_the_tpu_compiler(words, target):
     assert 0.85 <= ratio <= 1.15, f"analytic {result.memory.total / GIB:.2f} GiB vs XLA {result.compiled.total / GIB:.2f} GiB"
 
 
+@pytest.mark.slow  # two compiles of a train step on 4 devices (~12 s)
 @pytest.mark.parametrize("words, keys", [
     (["t5_tiny", "train.batch_size=8", "train.seq_len=64", "model.vocab_size=512"], 8),
     (["tiny", "objective.kind=prefix_lm", "train.batch_size=8", "train.seq_len=64", "model.vocab_size=512"], 6),

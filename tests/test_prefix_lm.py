@@ -140,6 +140,7 @@ def test_transformer_prefix_is_bidirectional_and_the_rest_causal():
     assert not np.allclose(causal[0, :70], base[0, :70])
 
 
+@pytest.mark.slow  # gradients of two compiled models (~6 s); the logits' prefix rule is checked by default
 def test_transformer_prefix_gradients_with_remat_match():
     """Gradients flow through the per-block `lax.cond` the same with and without rematerialisation."""
     config = small_config(max_seq_len=256)

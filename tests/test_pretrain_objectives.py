@@ -18,10 +18,10 @@ SHORT = ["train.steps=12", "train.log_every=1", "train.eval_every=12", "optim.wa
 
 
 @pytest.mark.parametrize("args, made", [
-    (SMALL + ["train.steps=12", "objective.kind=span_corruption", "objective.prefix_lm=True"],
-     "made into span_corruption rows of 64 tokens"),
-    (["bert_tiny", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128", "model.max_seq_len=64", *SHORT],
-     "made into mlm rows of 64 tokens"),
+    pytest.param(SMALL + ["train.steps=12", "objective.kind=span_corruption", "objective.prefix_lm=True"],
+                 "made into span_corruption rows of 64 tokens", marks=pytest.mark.slow),  # each run ~15 s
+    pytest.param(["bert_tiny", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128", "model.max_seq_len=64",
+                  *SHORT], "made into mlm rows of 64 tokens", marks=pytest.mark.slow),
     (["t5_tiny", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128", "model.max_seq_len=64", *SHORT],
      "made into span_corruption rows of 64 input and"),
 ], ids=["decoder_span_corruption", "bert_mlm", "t5_span_corruption"])

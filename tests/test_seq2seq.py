@@ -81,7 +81,8 @@ def t5_base(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)])  # each finetune ~20 s
+@pytest.mark.slow  # a T5 pretrained for 2 steps, then finetuned and evaluated through the CLI (~35 s each)
+@pytest.mark.parametrize("lora", [False, True])
 def test_seq2seq_finetune_learns_and_eval_scores_the_targets(t5_base, lora, tmp_path):
     """`jaxlm finetune task=sft` on {"input", "target"} JSONL trains an encoder-decoder (fully or with LoRA
     on its self- and cross-attention); `jaxlm eval --task targets:FILE` then reports the targets' perplexity,

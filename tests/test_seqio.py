@@ -242,6 +242,7 @@ def test_train_on_a_seqio_mixture_and_resume_exactly(tasks, tmp_path):
         assert second[step] == pytest.approx(first[step], rel=1e-5)
 
 
+@pytest.mark.slow  # a seqio export of two features and 3 training steps (~20 s)
 def test_inputs_and_targets_pair_up_for_an_encoder_decoder(tasks, tmp_path):
     """objective.kind=seq2seq: each example's inputs in the encoder's row and its targets in the decoder's,
     under one segment id, exactly the tokens seqio yields."""
@@ -263,6 +264,13 @@ def test_inputs_and_targets_pair_up_for_an_encoder_decoder(tasks, tmp_path):
             np.testing.assert_array_equal(row["decoder_inputs"][dec][1:], row["targets"][dec][:-1])
             got.append((tuple(row["inputs"][row["segment_ids"] == seg].tolist()), tuple(row["targets"][dec].tolist())))
     assert sorted(got) == want and len(data.train) < len(lines)  # several examples share a row pair
+    # ... and an encoder-decoder trains on them directly.
+    from jaxlm.training import pretrain
+
+    run = replace(config, train=dict(steps=3, batch_size=8, log_every=1, eval_every=0, run_dir=str(tmp_path / "run")),
+                  checkpoint=dict(async_save=False))
+    summary = pretrain.train(run)
+    assert summary.step == 3 and np.isfinite(summary.metrics["loss"])
     with pytest.raises(ConfigError, match="objective.kind=seq2seq trains an encoder-decoder"):
         from jaxlm.core.config import validate
 

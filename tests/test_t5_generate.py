@@ -146,6 +146,7 @@ def test_cache_layout():
     assert seen.shape == (2, c.vocab_size)
 
 
+@pytest.mark.slow  # converts a run and generates through the CLI (~10 s); cached decoding is checked by default above
 def test_jaxlm_generate_on_t5_and_bert_runs(tmp_path, capsys):
     """A converted T5 run prints its greedy completion (the prompt's tokens + EOS in, the decoder's tokens up
     to EOS out) and a batch from a prompt file; --chat with it and a BERT run are one-line errors."""
