@@ -39,6 +39,8 @@ def test_objective_trains_on_the_bible(args, made, tmp_path, cache_dir):
     (["bert_tiny", "objective.kind=causal"], "model.architecture=bert is an encoder: it trains with objective.kind=mlm"),
     (["t5_tiny", "objective.kind=prefix_lm"], "objective.kind=prefix_lm is for decoder-only models"),
     (["tiny", "objective.kind=prefix_lm", "mesh.sequence=2"], "context parallelism (mesh.sequence)"),
+    (["tiny", "model.mlp_activation=relu"], "model.mlp_activation=relu is not available to model.architecture=llama"),
+    (["bert_tiny", "model.mlp_activation=gated_silu"], "choose auto or one of gelu, gelu_tanh, relu"),
 ])
 def test_an_objective_that_does_not_fit_is_one_line(args, message):
     run = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *args], capture_output=True, text=True,

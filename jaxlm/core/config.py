@@ -558,6 +558,7 @@ def validate(config: Config) -> Config:
     if t.batch_size % o.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={o.grad_accum}")
     check_moe(m, config.mesh)
+    check_activation(m)
     check_objective(config)
     if (config.task == "reward") != (m.num_labels == 1) or m.num_labels > 1:
         raise ConfigError(f"task={config.task} with model.num_labels={m.num_labels}: a reward model (task=reward) "
@@ -575,6 +576,16 @@ def validate(config: Config) -> Config:
 
 
 RL_TASKS = ("grpo", "ppo")  # `jaxlm rl`
+
+
+def check_activation(m: ModelConfig) -> None:
+    """Each architecture's MLP takes some activations: LLaMA's is SwiGLU; GPT-2's and BERT's are not gated."""
+    act = m.resolved_mlp_activation
+    allowed = {"llama": ("gated_silu",), "gpt2": ("gelu_tanh", "gelu", "relu"), "bert": ("gelu", "gelu_tanh", "relu"),
+               "t5": ("relu", "gelu", "gelu_tanh", "gated_gelu_tanh", "gated_silu")}[m.architecture]
+    if act not in allowed:
+        raise ConfigError(f"model.mlp_activation={act} is not available to model.architecture={m.architecture}; "
+                          f"choose auto or one of {', '.join(allowed)}")
 
 
 def with_model(config: Config, model: ModelConfig) -> Config:

@@ -21,28 +21,17 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from jaxlm.core.config import ConfigError, ModelConfig
+from jaxlm.core.config import ModelConfig
 from jaxlm.core.sharding import constrain
 from jaxlm.model import attention
-from jaxlm.model.layers import LayerNorm, compute_dtype, dense, param_dtype, weight
+from jaxlm.model.layers import ACTIVATIONS, GeluMLP, LayerNorm, compute_dtype, dense, param_dtype, weight
 from jaxlm.model.transformer import BTD, BTNH, BTV, REMAT_POLICIES
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 
-# The non-gated MLP activations an encoder takes (model.mlp_activation); "gelu" is BERT's exact erf GELU.
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-
 def activation(c: ModelConfig):
-    act = c.resolved_mlp_activation
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"model.mlp_activation={act} is not supported by model.architecture=bert; "
-                          f"choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[act]
+    """The MLM head's activation: the encoder's own (`config.check_activation` keeps it non-gated)."""
+    return ACTIVATIONS[c.resolved_mlp_activation]
 
 
 def bias(module: nn.Module, name: str, shape, names, c: ModelConfig) -> jax.Array:
@@ -84,22 +73,6 @@ class Attention(nn.Module):
         return dense(out_btnh, o_nhd.astype(dt), n_in=2) + bias(self, "o_bias", (c.d_model,), ("norm",), c)
 
 
-class MLP(nn.Module):
-    """down(act(x @ up + up_bias)) + down_bias; the parameter names of GPT-2's GeluMLP."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_btd):
-        c = self.config
-        dt = compute_dtype(c)
-        up_df = weight(self, "up", (c.d_model, c.mlp_dim), ("embed", "mlp"), c)
-        down_fd = weight(self, "down", (c.mlp_dim, c.d_model), ("mlp", "embed"), c)
-        h_btf = dense(x_btd.astype(dt), up_df.astype(dt)) + bias(self, "up_bias", (c.mlp_dim,), ("mlp",), c)
-        h_btf = constrain(activation(c)(h_btf), BTF)
-        return dense(h_btf, down_fd.astype(dt)) + bias(self, "down_bias", (c.d_model,), ("norm",), c)
-
-
 def layer_norm(c: ModelConfig, name: str) -> LayerNorm:
     return LayerNorm(c.norm_eps, compute_dtype(c), param_dtype(c), name=name)
 
@@ -116,7 +89,7 @@ class Block(nn.Module):
         c = self.config
         x_btd = constrain(x_btd, BTD)
         x_btd = layer_norm(c, "attn_norm")(x_btd + Attention(c, self.impl, name="attn")(x_btd, segment_ids_bt))
-        x_btd = layer_norm(c, "mlp_norm")(x_btd + MLP(c, name="mlp")(x_btd))
+        x_btd = layer_norm(c, "mlp_norm")(x_btd + GeluMLP(c, name="mlp")(x_btd))
         return constrain(x_btd, BTD), None
 
 

@@ -7,6 +7,7 @@ Shape letters: B batch, T length, D model width, N query heads, K KV heads, H he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -158,8 +159,19 @@ class LayerNorm(nn.Module):
         return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+# model.mlp_activation's functions, by the name after its "gated_" prefix: "gelu" is the exact (erf) GELU of
+# BERT, "gelu_tanh" the tanh approximation of GPT-2 and of T5's gated-gelu (transformers' gelu_new).
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
 class GeluMLP(nn.Module):
-    """GPT-2's MLP: down(gelu_tanh(x @ up + up_bias)) + down_bias."""
+    """The biased, non-gated MLP of GPT-2 and BERT: down(act(x @ up + up_bias)) + down_bias, act the model's
+    `mlp_activation` (GPT-2: gelu_tanh, BERT: gelu; `config.check_activation` keeps it non-gated)."""
 
     config: ModelConfig
 
@@ -173,6 +185,6 @@ class GeluMLP(nn.Module):
         up_bias = self.param("up_bias", zeros(("mlp",)), (c.mlp_dim,), param_dtype(c))
         down_bias = self.param("down_bias", zeros(("norm",)), (c.d_model,), param_dtype(c))
         x_btd = x_btd.astype(dt)
-        h_btf = jax.nn.gelu(dense(x_btd, up_df.astype(dt)) + up_bias.astype(dt), approximate=True)
+        h_btf = ACTIVATIONS[c.resolved_mlp_activation](dense(x_btd, up_df.astype(dt)) + up_bias.astype(dt))
         h_btf = constrain(h_btf, ("activation_batch", "activation_length", "activation_mlp"))
         return dense(h_btf, down_fd.astype(dt)) + down_bias.astype(dt)

@@ -30,7 +30,6 @@ V vocabulary, R relative position buckets.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -39,24 +38,14 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.core.config import ConfigError, ModelConfig
+from jaxlm.core.config import ModelConfig
 from jaxlm.core.sharding import constrain
 from jaxlm.model.attention import write_cache
-from jaxlm.model.layers import LowRank, RMSNorm, compute_dtype, dense, param_dtype, weight
+from jaxlm.model.layers import ACTIVATIONS, LowRank, RMSNorm, compute_dtype, dense, param_dtype, weight
 from jaxlm.model.transformer import BTD, BTNH, BTV, REMAT_POLICIES
 
 BNTS = ("activation_batch", "activation_heads", "activation_length", None)
 BTF = ("activation_batch", "activation_length", "activation_mlp")
-
-# The MLP activations by the name model.mlp_activation uses after its "gated_" prefix. T5's "gated-gelu" is
-# transformers' gelu_new, the tanh approximation.
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "silu": jax.nn.silu,
-}
-
 
 def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool) -> np.ndarray:
     """T5's bucket of each relative position r = key - query in [-max_distance, max_distance], at index
@@ -197,10 +186,7 @@ class MLP(nn.Module):
         dt = compute_dtype(c)
         d, f = c.d_model, c.mlp_dim
         name = c.resolved_mlp_activation
-        act = ACTIVATIONS.get(name.removeprefix("gated_"))
-        if act is None:
-            raise ConfigError(f"model.mlp_activation={name} is not available to model.architecture=t5; use relu, gelu, "
-                              f"gelu_tanh or a gated_ one of them")
+        act = ACTIVATIONS[name.removeprefix("gated_")]
         x_btd = x_btd.astype(dt)
         if name.startswith("gated_"):
             wi0_df = weight(self, "wi_0", (d, f), ("embed", "mlp"), c, fan_in=d)
