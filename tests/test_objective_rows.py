@@ -127,3 +127,31 @@ def test_a_tokenizer_without_sentinels_is_one_line():
     with pytest.raises(ConfigError, match="no mask piece"):
         config = dataclasses.replace(_config("bert", "mlm"), model=ModelConfig(architecture="bert", vocab_size=VOCAB))
         objective_rows.row_format(config, FakeTokenizer(extra=0))
+
+
+@pytest.mark.parametrize("arch, prefix_lm", [("t5", False), ("llama", True)])
+def test_ul2_draws_every_denoiser_and_each_row_gives_back_its_source(arch, prefix_lm):
+    config = _config(arch, "ul2", seq_len=128, prefix_lm=prefix_lm)
+    fmt = objective_rows.row_format(config, FakeTokenizer())
+    for d in objective_rows.UL2:  # every denoiser fits the rows
+        inputs, targets = objective_rows.denoised_lengths(fmt.source_length, d)
+        assert (inputs <= fmt.seq_len and targets <= fmt.target_len) if arch == "t5" else inputs + targets <= 129
+    rows, make = _rows(fmt, docs=200), objective_rows.transform(fmt)
+    sequential, densities = 0, set()
+    for r in range(len(rows)):
+        source = rows[r]["inputs"]
+        row = make(rows[r], np.random.default_rng(r))
+        if arch == "t5":
+            inputs, targets = row["inputs"][row["segment_ids"] > 0][:-1], row["targets"][row["loss_mask"] > 0][:-1]
+        else:
+            n_in = int(row["prefix_mask"].sum())
+            sequence = np.concatenate([row["inputs"][:1], row["targets"]])[: int(row["segment_ids"].sum()) + 1]
+            inputs, targets = sequence[: n_in - 1], sequence[n_in:-1]
+        if not np.isin(targets, fmt.sentinels).any():  # the S-denoiser: the row's last quarter
+            sequential += 1
+            np.testing.assert_array_equal(np.concatenate([inputs, targets]), source)
+            assert len(targets) == objective_rows.sequential_split(len(source))
+        else:
+            np.testing.assert_array_equal(denoise.uncorrupt(inputs, targets, fmt.sentinels), source)
+            densities.add(round((len(targets) - np.isin(targets, fmt.sentinels).sum()) / len(source), 1))
+    assert 0.05 < sequential / len(rows) < 0.3 and densities == {0.1, 0.5}  # 15% rounds to 0.1 here

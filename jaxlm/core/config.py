@@ -498,10 +498,12 @@ class ObjectiveConfig:
     row bidirectionally and predicts the rest. span_corruption: T5's: noise spans replaced by sentinels in
     the inputs, the targets spell them out (an encoder-decoder, or a decoder-only model with prefix_lm
     attention over the inputs). mlm: BERT's masked LM (an encoder). seq2seq: the data's own (inputs,
-    targets) pairs, a seqio task's two features (`data.seqio_task`), for an encoder-decoder.
+    targets) pairs, a seqio task's two features (`data.seqio_task`), for an encoder-decoder. ul2: UL2's
+    mixture of denoisers, one per row (span corruption's settings do not apply; like span corruption, a
+    decoder-only model needs prefix_lm).
     """
 
-    kind: Literal["causal", "prefix_lm", "span_corruption", "mlm", "seq2seq"] = "causal"
+    kind: Literal["causal", "prefix_lm", "span_corruption", "mlm", "seq2seq", "ul2"] = "causal"
     # Decoder-only span corruption: the inputs are a bidirectional prefix (needed: a causal model would
     # have to predict the inputs it is given).
     prefix_lm: bool = False
@@ -634,8 +636,8 @@ def _check_pretraining_objective(config: Config) -> None:
     if o.kind == "seq2seq" and not (m.encoder_decoder and config.data.seqio_task):
         raise ConfigError("objective.kind=seq2seq trains an encoder-decoder (model.architecture=t5) on a seqio task's "
                           "inputs and targets (data.seqio_task); finetune on JSONL pairs with jaxlm finetune task=sft")
-    if o.kind == "span_corruption" and not m.encoder_decoder and not o.prefix_lm:
-        raise ConfigError("objective.kind=span_corruption on a decoder-only model needs prefix-LM attention over "
+    if o.kind in ("span_corruption", "ul2") and not m.encoder_decoder and not o.prefix_lm:
+        raise ConfigError(f"objective.kind={o.kind} on a decoder-only model needs prefix-LM attention over "
                           "the inputs: set objective.prefix_lm=True (or use model.architecture=t5)")
     if o.prefix_lm and (m.encoder_decoder or m.encoder_only):
         raise ConfigError(f"objective.prefix_lm is for decoder-only models; model.architecture={arch} has no causal prefix")

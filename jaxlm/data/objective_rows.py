@@ -9,7 +9,11 @@ tokens. For `objective.kind`:
   inputs in the encoder's row and the targets in the decoder's (`decoder_inputs` are the targets shifted
   right behind `model.decoder_start_id`); a decoder-only row (prefix-LM) is inputs then targets, the inputs
   its prefix. The source length is the longest whose corruption still fits, as T5 chooses it;
-- mlm: BERT's masking (`denoise.mask_tokens`); the targets are the original tokens at the masked positions.
+- mlm: BERT's masking (`denoise.mask_tokens`); the targets are the original tokens at the masked positions;
+- ul2: UL2's mixture of denoisers (`UL2`), one drawn per row: regular and extreme span corruption, and
+  sequential denoising (the row's last quarter as the targets of the rest), laid out as span corruption's
+  rows, whose source length and (encoder-decoder) target length fit every denoiser. UL2's mode tokens are
+  left out (the tokenizer would need pieces for them).
 
 The draws come from grain's `random_map`, whose generator is seeded by the pipeline seed and the row's
 index in the shuffled stream: a resumed run makes exactly the draws the uninterrupted one made, and a
@@ -46,6 +50,13 @@ class RowFormat:
     mask_rate: float = 0.15
     vocab_size: int = 0
     special: tuple[int, ...] = ()
+    denoisers: tuple = ()  # ul2: (noise density, mean span length) pairs and "S"
+
+
+# UL2's denoisers (Tay et al. 2022, section 3.1.2): R (noise 15%, spans of 3 and 8), X (50% in spans of 3
+# and 8, 15% and 50% in spans of 64), S (prefix-LM with the last SEQUENTIAL_TARGETS of the row as targets).
+UL2 = ((0.15, 3.0), (0.15, 8.0), (0.5, 3.0), (0.5, 8.0), (0.15, 64.0), (0.5, 64.0), "S")
+SEQUENTIAL_TARGETS = 0.25
 
 
 def corrupted_lengths(raw: int, density: float, mean_span: float) -> tuple[int, int]:
@@ -55,13 +66,29 @@ def corrupted_lengths(raw: int, density: float, mean_span: float) -> tuple[int, 
     return raw - noise + spans + 1, noise + spans + 1
 
 
-def span_source_length(fits: Callable[[int, int], bool], density: float, mean_span: float) -> int:
-    """The longest raw length whose corrupted (inputs, targets) lengths `fits` accepts (T5's
-    `random_spans_helper`, searching up from 2)."""
+def denoised_lengths(raw: int, denoiser) -> tuple[int, int]:
+    """(inputs, targets) lengths, EOS included, that a denoiser (`UL2`'s entries) makes of `raw` tokens."""
+    if denoiser == "S":
+        targets = sequential_split(raw)
+        return raw - targets + 1, targets + 1
+    return corrupted_lengths(raw, *denoiser)
+
+
+def sequential_split(length: int) -> int:
+    """How many of a row's last tokens the S-denoiser makes targets (at least one, never all)."""
+    return min(max(int(round(length * SEQUENTIAL_TARGETS)), 1), length - 1)
+
+
+def span_source_length(fits: Callable[[int, int], bool], density: float, mean_span: float,
+                       denoisers: tuple = ()) -> int:
+    """The longest raw length whose corrupted (inputs, targets) lengths `fits` accepts, for every one of
+    `denoisers` if given (T5's `random_spans_helper`, searching up from 2)."""
+    denoisers = denoisers or ((density, mean_span),)
+    ok = lambda raw: all(fits(*denoised_lengths(raw, d)) for d in denoisers)
     raw = 2
-    if not fits(*corrupted_lengths(raw, density, mean_span)):
+    if not ok(raw):
         raise ConfigError("train.seq_len is too short for span corruption: raise it")
-    while fits(*corrupted_lengths(raw + 1, density, mean_span)):
+    while ok(raw + 1):
         raw += 1
     return raw
 
@@ -92,7 +119,7 @@ def mask_id(tok) -> int:
 def extra_ids(config: Config) -> int:
     """The sentinel pieces a tokenizer trained for this run needs."""
     kind = config.objective.kind
-    return config.objective.extra_ids if kind == "span_corruption" else 1 if kind == "mlm" else 0
+    return config.objective.extra_ids if kind in ("span_corruption", "ul2") else 1 if kind == "mlm" else 0
 
 
 def row_format(config: Config, tok) -> RowFormat:
@@ -100,14 +127,15 @@ def row_format(config: Config, tok) -> RowFormat:
     o, m, seq_len = config.objective, config.model, config.train.seq_len
     base = dict(kind=o.kind, seq_len=seq_len, target_len=target_length(config), source_length=seq_len,
                 encoder_decoder=m.encoder_decoder, eos=tok.eos_id(), decoder_start=m.decoder_start_id)
-    if o.kind == "span_corruption":
+    if o.kind in ("span_corruption", "ul2"):
         if m.encoder_decoder:
             fits = lambda i, t: i <= seq_len and t <= base["target_len"]
         else:
             fits = lambda i, t: i + t <= seq_len + 1  # the row's inputs are the whole sequence but its last token
-        raw = span_source_length(fits, o.noise_density, o.mean_span_length)
+        denoisers = UL2 if o.kind == "ul2" else ()
+        raw = span_source_length(fits, o.noise_density, o.mean_span_length, denoisers)
         return RowFormat(**{**base, "source_length": raw}, sentinels=sentinel_ids(tok, o.extra_ids),
-                         noise_density=o.noise_density, mean_span_length=o.mean_span_length)
+                         noise_density=o.noise_density, mean_span_length=o.mean_span_length, denoisers=denoisers)
     if o.kind == "mlm":
         special = tuple(i for i in (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.unk_id()) if i >= 0)
         mid = mask_id(tok)
@@ -122,10 +150,11 @@ def target_length(config: Config) -> int:
     o, seq_len = config.objective, config.train.seq_len
     if o.target_len or not config.model.encoder_decoder:
         return o.target_len or seq_len
-    if o.kind != "span_corruption":
+    if o.kind not in ("span_corruption", "ul2"):
         return seq_len
-    raw = span_source_length(lambda i, t: i <= seq_len, o.noise_density, o.mean_span_length)
-    return corrupted_lengths(raw, o.noise_density, o.mean_span_length)[1]
+    denoisers = UL2 if o.kind == "ul2" else ((o.noise_density, o.mean_span_length),)
+    raw = span_source_length(lambda i, t: i <= seq_len, o.noise_density, o.mean_span_length, denoisers)
+    return max(denoised_lengths(raw, d)[1] for d in denoisers)
 
 
 def transform(fmt: RowFormat) -> Callable[[Row, np.random.Generator], Row] | None:
@@ -161,7 +190,22 @@ def _filled(length: int, used: int) -> tuple[np.ndarray, np.ndarray]:
 def _span_corruption(fmt: RowFormat, row: Row, rng: np.random.Generator) -> Row:
     tokens = _tokens(row)
     mask = denoise.noise_mask(len(tokens), fmt.noise_density, fmt.mean_span_length, rng)
-    inputs, targets = denoise.corrupt(tokens, mask, fmt.sentinels)
+    return _denoised_row(fmt, *denoise.corrupt(tokens, mask, fmt.sentinels))
+
+
+def _ul2(fmt: RowFormat, row: Row, rng: np.random.Generator) -> Row:
+    tokens = _tokens(row)
+    denoiser = fmt.denoisers[int(rng.integers(len(fmt.denoisers)))]
+    if denoiser == "S":
+        split = len(tokens) - sequential_split(len(tokens))
+        return _denoised_row(fmt, tokens[:split], tokens[split:])
+    mask = denoise.noise_mask(len(tokens), *denoiser, rng)
+    return _denoised_row(fmt, *denoise.corrupt(tokens, mask, fmt.sentinels))
+
+
+def _denoised_row(fmt: RowFormat, inputs: np.ndarray, targets: np.ndarray) -> Row:
+    """The training row of (inputs, targets), each ended with EOS: an encoder-decoder's pair of rows, or a
+    decoder-only row of inputs (its bidirectional prefix) then targets."""
     inputs, targets = np.append(inputs, fmt.eos), np.append(targets, fmt.eos)
     if fmt.encoder_decoder:
         positions, segments = _filled(fmt.seq_len, len(inputs))
@@ -188,4 +232,4 @@ def _mlm(fmt: RowFormat, row: Row, rng: np.random.Generator) -> Row:
             "loss_mask": (loss_mask * real).astype(np.int32)}
 
 
-MAKERS = {"prefix_lm": _prefix_lm, "span_corruption": _span_corruption, "mlm": _mlm}
+MAKERS = {"prefix_lm": _prefix_lm, "span_corruption": _span_corruption, "mlm": _mlm, "ul2": _ul2}
