@@ -107,3 +107,21 @@ def test_seq2seq_finetune_learns_and_eval_scores_the_targets(t5_base, lora, tmp_
     assert scores["finetuned"] < scores["base"] / 2
     refused = _cli("eval", str(base))  # no --task: an encoder-decoder has no held-out text perplexity
     assert refused.returncode != 0 and "pass --task targets:FILE.jsonl" in refused.stderr
+    if not lora:
+        _exported_generates_the_same(tmp_path / "ft", tmp_path / "hf")
+
+
+def _exported_generates_the_same(run, out):
+    """`jaxlm convert to-hf` of a T5 jaxlm pretrained (its own sentencepiece tokenizer): transformers'
+    tokenizer and greedy `generate` give jaxlm generate's text."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    converted = _cli("convert", "to-hf", str(run), str(out))
+    assert converted.returncode == 0 and "AutoModelForSeq2SeqLM" in converted.stdout, converted.stderr[-2000:]
+    prompt = "reverse: lord moses day"
+    ours = _cli("generate", str(run), "--prompt", prompt, "--max-new-tokens", "8")
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    tok, model = AutoTokenizer.from_pretrained(str(out)), AutoModelForSeq2SeqLM.from_pretrained(str(out))
+    ids = tok(prompt, return_tensors="pt").input_ids
+    theirs = tok.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0], skip_special_tokens=True)
+    assert ours.stdout.strip() == theirs.strip() and theirs.strip()

@@ -56,7 +56,10 @@ def to_hf(args) -> int:
 
     out = hf_runs.to_hf(args.run_dir, args.out, args.dtype, args.step, int(args.max_shard_gb * (1 << 30)))
     with open(os.path.join(out, "config.json")) as f:
-        classifier = any(a.endswith("ForSequenceClassification") for a in json.load(f).get("architectures") or [])
-    auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+        archs = json.load(f).get("architectures") or []
+    # The Auto class of the exported head: a classifier, an encoder-decoder, a masked LM or a causal LM.
+    kinds = {"ForSequenceClassification": "AutoModelForSequenceClassification",
+             "ForConditionalGeneration": "AutoModelForSeq2SeqLM", "ForMaskedLM": "AutoModelForMaskedLM"}
+    auto = next((cls for suffix, cls in kinds.items() if any(a.endswith(suffix) for a in archs)), "AutoModelForCausalLM")
     print(f"Hugging Face checkpoint: {out}  (transformers.{auto}.from_pretrained({out!r}))")
     return 0

@@ -17,6 +17,7 @@ import jax
 from jaxlm.core import atomic, mesh as mesh_lib, rundir
 from jaxlm.core.config import Config, ConfigError, validate, with_model
 from jaxlm.core.overrides import to_dict
+from jaxlm.data import objective_rows
 from jaxlm.hf import exporter, families, importer, tokenizer as hf_tokenizer
 from jaxlm.inference.load import load_run
 from jaxlm.training import assembly
@@ -66,11 +67,17 @@ def _write_run(hf_dir: str, out: str, tmp: str, base: Config, model) -> Config:
     return config
 
 
-def _sentencepiece_tokenizer_config(tok) -> dict:
+def _sentencepiece_tokenizer_config(tok, c) -> dict:
+    """A tokenizer_config.json for a sentencepiece model jaxlm trained: the text's tokens as the run saw them.
+    A decoder reads BOS first; a T5 encoder reads the text then EOS (`jaxlm generate`, span corruption); a
+    BERT encoder `<s> text </s>` as pretraining packed it, with its mask piece."""
     piece = lambda i: tok.id_to_piece(i) if i >= 0 else None
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id()), "eos_token": piece(tok.eos_id()),
-            "unk_token": piece(tok.unk_id()), "pad_token": piece(tok.pad_id()), "add_bos_token": True,
-            "add_eos_token": False, "model_max_length": 1 << 30}
+    out = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(tok.bos_id()), "eos_token": piece(tok.eos_id()),
+           "unk_token": piece(tok.unk_id()), "pad_token": piece(tok.pad_id()), "add_bos_token": not c.encoder_decoder,
+           "add_eos_token": c.encoder_decoder or c.encoder_only, "model_max_length": 1 << 30}
+    if c.encoder_only:
+        out["mask_token"] = piece(objective_rows.mask_id(tok))
+    return out
 
 
 def to_hf(run_dir: str, out: str, dtype: str = "float32", step: int | None = None,
@@ -98,5 +105,5 @@ def to_hf(run_dir: str, out: str, dtype: str = "float32", step: int | None = Non
         atomic.write_json(os.path.join(tmp, "config.json"), config)
         copied = hf_tokenizer.copy_files(run_dir, tmp)
         if copied == rundir.SENTENCEPIECE and not os.path.isfile(os.path.join(tmp, rundir.TOKENIZER_CONFIG)):
-            atomic.write_json(os.path.join(tmp, rundir.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok))
+            atomic.write_json(os.path.join(tmp, rundir.TOKENIZER_CONFIG), _sentencepiece_tokenizer_config(tok, c))
     return out
