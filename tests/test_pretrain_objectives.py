@@ -41,6 +41,7 @@ def test_objective_trains_on_the_bible(args, made, tmp_path, cache_dir):
     (["tiny", "objective.kind=prefix_lm", "mesh.sequence=2"], "context parallelism (mesh.sequence)"),
     (["tiny", "model.mlp_activation=relu"], "model.mlp_activation=relu is not available to model.architecture=llama"),
     (["bert_tiny", "model.mlp_activation=gated_silu"], "choose auto or one of gelu, gelu_tanh, relu"),
+    (["t5_tiny", "model.decoder_start_id=9000"], "model.decoder_start_id=9000 is not a token of the vocabulary"),
 ])
 def test_an_objective_that_does_not_fit_is_one_line(args, message):
     run = subprocess.run([sys.executable, "-m", "jaxlm.cli", "train", *args], capture_output=True, text=True,

@@ -610,6 +610,9 @@ def check_objective(config: Config) -> None:
     if m.encoder_decoder and config.task not in ("pretrain", "sft"):
         raise ConfigError(f"task={config.task} trains decoder-only models; model.architecture={arch} trains with "
                           "task=pretrain or task=sft")
+    if m.encoder_decoder and m.decoder_start_id >= m.vocab_size:
+        raise ConfigError(f"model.decoder_start_id={m.decoder_start_id} is not a token of the vocabulary "
+                          f"(model.vocab_size={m.vocab_size}); T5 starts from pad, 0")
     if arch in ("t5", "bert") and (m.num_experts or m.value_head or m.num_labels or m.sliding_window):
         raise ConfigError(f"model.architecture={arch} has no mixture of experts, value head, classifier head or "
                           "sliding window; unset model.num_experts/value_head/num_labels/sliding_window")
