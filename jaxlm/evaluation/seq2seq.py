@@ -8,16 +8,16 @@ with the same tokenizer are compared on the same tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from jaxlm.core.config import ConfigError
 from jaxlm.data.tokenizer import Tokenizer
 from jaxlm.inference.scoring import LENGTH_BUCKET, Scorer
-from jaxlm.training import seq2seq, sft
+from jaxlm.training import objectives, seq2seq, sft
 
 
 def load_rows(path: str) -> list[tuple[str, str]]:
@@ -36,17 +36,17 @@ def _bucket(n: int) -> int:
     return -(-n // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
+@functools.lru_cache(maxsize=8)
+def _summed_nll(model):
+    """The jitted (params, batch) -> summed target NLL of the training objective (`objectives.next_token`),
+    compiled once per model and row shape, also across the evals of a training run."""
+    loss = objectives.next_token(model.apply).loss
+    return jax.jit(lambda params, batch: loss(params, batch, None)[1]["loss"])
+
+
 def _encoder_decoder_nll(model, params, examples, batch_size: int, progress: bool) -> tuple[float, int]:
     """Summed target NLL and target tokens, in batches of one example per row pair, lengths bucketed."""
-
-    @jax.jit
-    def nll(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                             decoder_inputs=batch["decoder_inputs"], decoder_positions=batch["decoder_positions"],
-                             decoder_segment_ids=batch["decoder_segment_ids"])
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), batch["targets"][..., None], axis=-1)[..., 0]
-        return -jnp.sum(logp * batch["loss_mask"])
-
+    nll = _summed_nll(model)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     total, tokens = 0.0, 0
     for b in tqdm(range(0, len(order), batch_size), desc="targets", unit="batch", disable=not progress):
