@@ -293,3 +293,24 @@ def test_long_rows_attend_in_query_blocks_with_the_same_result():
     allowed = jnp.broadcast_to(jnp.arange(s)[None, None, :] < jnp.array([s, 211])[:, None, None], (b, t, s))
     whole = t5._biased_block(q, k, v, bias, allowed)
     np.testing.assert_allclose(t5.biased_attention(q, k, v, bias, allowed), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_default_quantization_covers_t5s_matmul_weights():
+    """Weight-only quantization (`jaxlm generate --quantize`) takes cross-attention and the wi/wo MLPs, not
+    only what a decoder-only model names its weights, and leaves the relative position tables in float."""
+    from jaxlm.core import overrides, sharded_init
+    from jaxlm.model import architectures
+    from jaxlm.model.quantize import is_quantized, quantize_params
+
+    c = dataclasses.replace(overrides.load(["t5_tiny"]).model, vocab_size=512)
+    model = architectures.build(c)
+    params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    quantized = quantize_params(sharded_init.strip_boxes(params), "int8", 32)
+    layers = quantized["decoder"]["layers"]
+    assert all(is_quantized(x) for x in (layers["cross"]["q"], layers["mlp"]["wi_0"], layers["mlp"]["wo"],
+                                         quantized["lm_head"]))
+    assert not is_quantized(quantized["decoder"]["relative_bias"])
+    tokens = jnp.arange(16).reshape(2, 8)
+    logits = model.apply({"params": quantized}, tokens)
+    want = model.apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(logits - want))) < 0.05 * float(jnp.max(jnp.abs(want)))

@@ -171,7 +171,7 @@ def test_jaxlm_generate_on_t5_and_bert_runs(tmp_path, capsys):
     prompts.write_text("god created heaven\nlet there be light\n")
     assert cli.main(["generate", run, "--prompt-file", str(prompts), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("god created heaven") and "\nlet there be light" in out
+    assert out.startswith("god created heaven => ") and "\nlet there be light => " in out
 
     assert cli.main(["generate", run, "--prompt", "hi", "--chat"]) == 2
     err = capsys.readouterr().err

@@ -11,7 +11,9 @@ from jaxlm.core.config import ConfigError, SamplingConfig
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text from a trained run",
                               description="Generate text from the latest checkpoint of a run directory. The prompt "
-                                          "comes from --prompt, --prompt-file (one prompt per line, batched) or stdin.")
+                                          "comes from --prompt, --prompt-file (one prompt per line, batched) or stdin. "
+                                          "A decoder-only model continues the prompt; an encoder-decoder (T5) reads it "
+                                          "as its input and writes its output from the decoder's start token.")
     p.add_argument("run_dir", help="a run directory written by `jaxlm train` (holds config.json, tokenizer.model)")
     p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-file", help="a file with one prompt per line, generated as one batch")
@@ -26,8 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=like(SamplingConfig, "seed"), default=0)
     p.add_argument("--quantize", choices=QUANT_FORMATS, help="weight-only quantize the params first")
     p.add_argument("--chat", action="store_true",
-                   help="treat each prompt as a user message and render it with the run's chat template")
-    p.add_argument("--chat-template", help="a .jinja chat template to use instead of the run's own")
+                   help="treat each prompt as a user message and render it with the run's chat template "
+                        "(decoder-only models)")
+    p.add_argument("--chat-template", help="with --chat: a .jinja chat template to use instead of the run's own")
     p.set_defaults(func=run)
 
 
@@ -48,6 +51,8 @@ def run(args) -> int:
     from jaxlm.inference.load import GENERATES, load_run
 
     texts = _read_prompts(args)
+    if args.chat:  # before the checkpoint is read: only a decoder-only run has a chat template to render
+        _decoder_only(args.run_dir)
     loaded = load_run(args.run_dir, args.step, quantize=args.quantize, architectures=GENERATES,
                       purpose="jaxlm generate")
     tok = loaded.tokenizer
@@ -64,8 +69,10 @@ def run(args) -> int:
         prompts, stops = _decoder_prompts(args, loaded, texts)
         generator = Generator(loaded.model, loaded.params, sampling, loaded.mesh)
     if len(prompts) > 1:
+        # A decoder continues its prompt; an encoder-decoder's output is an answer of its own.
+        joint = " => " if loaded.config.model.encoder_decoder else ""
         for text, completion in zip(texts, complete_tokens(generator, tok, prompts, tuple(stops), len(prompts))):
-            print(f"{text}{completion}\n")
+            print(f"{text}{joint}{completion}\n")
         return 0
     _stream(generator, tok, prompts, stops)
     return 0
@@ -86,13 +93,23 @@ def _decoder_prompts(args, loaded, texts) -> tuple[list[list[int]], list[str]]:
     return [prompt_ids(loaded.tokenizer, text) for text in texts], stops
 
 
+def _decoder_only(run_dir: str) -> None:
+    """A one-line error for --chat with an encoder-decoder run, from its config alone."""
+    import os
+
+    from jaxlm.core import overrides, rundir
+
+    path = os.path.join(os.path.expanduser(run_dir), rundir.CONFIG)
+    arch = overrides.load([path]).model.architecture if os.path.isfile(path) else "llama"
+    if arch == "t5":
+        raise ConfigError(f"--chat renders a chat template for a decoder-only model, but {run_dir} is an "
+                          f"encoder-decoder (model.architecture={arch}); pass the input text itself with --prompt "
+                          f"or --prompt-file")
+
+
 def _encoder_inputs(args, loaded, texts) -> list[list[int]]:
     """An encoder-decoder's inputs: each text's tokens and EOS, as T5 reads its inputs (no BOS); the decoder
     starts from the model's start token."""
-    if args.chat:
-        raise ConfigError(f"--chat renders a chat template for a decoder-only model, but {loaded.directory} is an "
-                          f"encoder-decoder (model.architecture={loaded.config.model.architecture}); pass the "
-                          f"input text itself with --prompt or --prompt-file")
     eos = loaded.tokenizer.eos_id()
     if eos < 0:
         raise ConfigError(f"{loaded.tokenizer.path} has no EOS token, which ends an encoder-decoder's inputs and "

@@ -33,11 +33,12 @@ NF4_LEVELS = np.array([
     0.7229568362236023, 1.0,
 ], dtype=np.float32)
 
-# Which params are quantized by default: every projection of the blocks (a MoE layer's stacked experts,
-# blocked along their last axis like any weight, and its shared expert too) and the untied output head.
-# Embeddings (a gather, no matmul), norms, biases and the MoE router and shared-expert gate stay in float:
-# the routing weights are tiny, and rounding them would flip which experts a token picks.
-DEFAULT_INCLUDE = r"(attn/(q|k|v|o)|mlp/(gate|up|down)|moe/(shared/)?(gate|up|down)|lm_head)$"
+# Which params are quantized by default: every projection of the blocks (T5's cross-attention and wi/wo
+# MLPs too; a MoE layer's stacked experts, blocked along their last axis like any weight, and its shared
+# expert) and the untied output head. Embeddings (a gather, no matmul), norms, biases, T5's relative
+# position tables and the MoE router and shared-expert gate stay in float: the routing weights are tiny, and
+# rounding them would flip which experts a token picks.
+DEFAULT_INCLUDE = r"((attn|cross)/(q|k|v|o)|mlp/(gate|up|down|wi|wi_0|wi_1|wo)|moe/(shared/)?(gate|up|down)|lm_head)$"
 
 
 @jax.tree_util.register_dataclass

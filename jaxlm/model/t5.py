@@ -30,6 +30,7 @@ V vocabulary, R relative position buckets.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -87,10 +88,15 @@ def position_bias(table_rn, buckets_bts) -> jax.Array:
     A one-hot matmul rather than a gather (as flaxformer's T5): its gradient is a matmul too, where a
     gather's is a scatter-add into R rows (7% of a t5_small train step on CPU; the one-hot's is lost in the
     noise). HIGHEST precision keeps the table's float32 values exact (TF32 or bfloat16 passes would round them)."""
+    return constrain(_one_hot_bias(table_rn, buckets_bts), BNTS)
+
+
+# Rebuilt in the backward pass from the int32 buckets: the float32 one-hot (B, T, S, R) it would otherwise
+# keep is R/N times the bias itself (1 GiB at 32 x 512 x 512 x 32).
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+def _one_hot_bias(table_rn, buckets_bts):
     onehot_btsr = (buckets_bts[..., None] == jnp.arange(table_rn.shape[0])).astype(jnp.float32)
-    bias_bnts = jnp.einsum("btsr,rn->bnts", onehot_btsr, table_rn.astype(jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
-    return constrain(bias_bnts, BNTS)
+    return jnp.einsum("btsr,rn->bnts", onehot_btsr, table_rn.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def relative_bias_table(module: nn.Module, c: ModelConfig):
