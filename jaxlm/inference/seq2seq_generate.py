@@ -22,14 +22,8 @@ import numpy as np
 
 from jaxlm.core.config import ConfigError, SamplingConfig
 from jaxlm.core.sharding import constrain
-from jaxlm.inference.generate import Generator, _fetch, _logp, choose, penalize
+from jaxlm.inference.generate import CACHE_AXES, PROMPT_BUCKET, Generator, _fetch, _logp, choose, penalize
 from jaxlm.model.layers import compute_dtype
-
-INPUT_BUCKET = 32
-
-# The cache's logical axes: batch and heads split like the activations they come from; the length stays
-# whole on every device.
-CACHE_AXES = ("layers", "activation_batch", None, "activation_heads", "activation_head_dim")
 
 
 class Seq2SeqGenerator(Generator):
@@ -49,9 +43,8 @@ class Seq2SeqGenerator(Generator):
         `seen` tokens: the start token, as in transformers, whose penalty reads the decoder's tokens only."""
         c, s = self.model.config, self.sampling
         b = tokens_bs.shape[0]
-        positions = jnp.broadcast_to(jnp.arange(tokens_bs.shape[1]), tokens_bs.shape)
         variables = {"params": params}
-        encoded = self.model.apply(variables, tokens_bs, positions, segment_ids_bs, method="encode")
+        encoded = self.model.apply(variables, tokens_bs, None, segment_ids_bs, method="encode")
         cross = self.model.apply(variables, encoded, method="cross_kv")
         shape = (c.resolved_decoder_layers, b, s.max_new_tokens, c.num_heads, c.resolved_head_dim)
         zeros = lambda: constrain(jnp.zeros(shape, compute_dtype(c)), CACHE_AXES)
@@ -77,7 +70,7 @@ class Seq2SeqGenerator(Generator):
             raise ConfigError("every prompt needs at least one token")
         c, s = self.model.config, self.sampling
         # Rounding the input length up to a bucket lets inputs of nearby lengths share one compiled program.
-        width = -(-max(len(x) for x in prompts) // INPUT_BUCKET) * INPUT_BUCKET
+        width = -(-max(len(x) for x in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
         tokens = np.zeros((len(prompts), width), np.int32)
         segment_ids = np.zeros((len(prompts), width), np.int32)
         for i, x in enumerate(prompts):

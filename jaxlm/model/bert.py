@@ -27,7 +27,6 @@ from jaxlm.model import attention
 from jaxlm.model.layers import ACTIVATIONS, GeluMLP, LayerNorm, compute_dtype, dense, param_dtype, weight
 from jaxlm.model.transformer import BTD, BTNH, BTV, REMAT_POLICIES
 
-BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 def activation(c: ModelConfig):
     """The MLM head's activation: the encoder's own (`config.check_activation` keeps it non-gated)."""

@@ -43,10 +43,9 @@ from jaxlm.core.config import ModelConfig
 from jaxlm.core.sharding import constrain
 from jaxlm.model.attention import write_cache
 from jaxlm.model.layers import ACTIVATIONS, LowRank, RMSNorm, compute_dtype, dense, param_dtype, weight
-from jaxlm.model.transformer import BTD, BTNH, BTV, REMAT_POLICIES
+from jaxlm.model.transformer import BTD, BTF, BTNH, BTV, REMAT_POLICIES
 
 BNTS = ("activation_batch", "activation_heads", "activation_length", None)
-BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool) -> np.ndarray:
     """T5's bucket of each relative position r = key - query in [-max_distance, max_distance], at index

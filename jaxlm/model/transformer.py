@@ -28,6 +28,7 @@ BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 BTV = ("activation_batch", "activation_length", "activation_vocab")
+BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
