@@ -24,13 +24,9 @@ import jax.numpy as jnp
 from jaxlm.core.config import ModelConfig
 from jaxlm.core.sharding import constrain
 from jaxlm.model import attention
-from jaxlm.model.layers import ACTIVATIONS, GeluMLP, LayerNorm, compute_dtype, dense, param_dtype, weight
+from jaxlm.model.layers import (ACTIVATIONS, GeluMLP, LayerNorm, compute_dtype, dense, param_dtype, row_defaults,
+                                weight)
 from jaxlm.model.transformer import BTD, BTNH, BTV, REMAT_POLICIES
-
-
-def activation(c: ModelConfig):
-    """The MLM head's activation: the encoder's own (`config.check_activation` keeps it non-gated)."""
-    return ACTIVATIONS[c.resolved_mlp_activation]
 
 
 def bias(module: nn.Module, name: str, shape, names, c: ModelConfig) -> jax.Array:
@@ -108,10 +104,7 @@ class Encoder(nn.Module):
         agree exactly.
         """
         c = self.config
-        if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        if segment_ids_bt is None:
-            segment_ids_bt = jnp.ones_like(tokens_bt)
+        positions_bt, segment_ids_bt = row_defaults(tokens_bt, positions_bt, segment_ids_bt)
         embed = nn.Embed(
             c.vocab_size, c.d_model, dtype=compute_dtype(c), param_dtype=param_dtype(c),
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed")),
@@ -176,5 +169,6 @@ class MLMTransform(nn.Module):
         dt = compute_dtype(c)
         dense_dd = weight(self, "dense", (c.d_model, c.d_model), ("embed", "mlp"), c)
         h_btd = dense(x_btd.astype(dt), dense_dd.astype(dt)) + bias(self, "dense_bias", (c.d_model,), ("norm",), c)
-        h_btd = layer_norm(c, "norm")(activation(c)(constrain(h_btd, BTD)))
+        act = ACTIVATIONS[c.resolved_mlp_activation]  # the encoder's own (`config.check_activation`: not gated)
+        h_btd = layer_norm(c, "norm")(act(constrain(h_btd, BTD)))
         return h_btd, bias(self, "bias", (c.vocab_size,), ("vocab",), c)

@@ -61,6 +61,16 @@ def weight(module: nn.Module, name: str, shape, names, config: ModelConfig, fan_
     return w
 
 
+def row_defaults(tokens_bt, positions_bt=None, segment_ids_bt=None):
+    """(positions, segment ids) of a batch, each the given one or, if None, that of one unpacked document
+    per row: positions 0..T-1, segment id 1 everywhere."""
+    if positions_bt is None:
+        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    if segment_ids_bt is None:
+        segment_ids_bt = jnp.ones_like(tokens_bt)
+    return positions_bt, segment_ids_bt
+
+
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     """Contracts the last `n_in` dims of x with the first `n_in` of w, as one 2-D matmul.
 

@@ -42,7 +42,8 @@ import numpy as np
 from jaxlm.core.config import ModelConfig
 from jaxlm.core.sharding import constrain
 from jaxlm.model.attention import write_cache
-from jaxlm.model.layers import ACTIVATIONS, LowRank, RMSNorm, compute_dtype, dense, param_dtype, weight
+from jaxlm.model.layers import (ACTIVATIONS, LowRank, RMSNorm, compute_dtype, dense, param_dtype, row_defaults,
+                                weight)
 from jaxlm.model.transformer import BTD, BTF, BTNH, BTV, REMAT_POLICIES
 
 BNTS = ("activation_batch", "activation_heads", "activation_length", None)
@@ -313,14 +314,6 @@ class Stack(nn.Module):
         return {"self_allowed": allowed, "bias": position_bias(relative_bias_table(self, c), buckets)}
 
 
-def _defaults(tokens_bt, positions_bt, segment_ids_bt):
-    if positions_bt is None:
-        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-    if segment_ids_bt is None:
-        segment_ids_bt = jnp.ones_like(tokens_bt)
-    return positions_bt, segment_ids_bt
-
-
 class EncoderDecoder(nn.Module):
     """The T5 model. `impl` is accepted for the common model signature (`jaxlm.model.architectures.build`);
     T5's attention, with its per-row additive bias, always runs the XLA path."""
@@ -350,7 +343,7 @@ class EncoderDecoder(nn.Module):
         With `hidden`, returns instead the decoder's final hidden states (B, Td, D) (already scaled for a tied
         head) and the head (V, D), both in the compute dtype, whose product is the logits
         (`jaxlm.training.objectives`)."""
-        positions_bt, segment_ids_bt = _defaults(tokens_bt, positions_bt, segment_ids_bt)
+        positions_bt, segment_ids_bt = row_defaults(tokens_bt, positions_bt, segment_ids_bt)
         if decoder_inputs is None:
             decoder_inputs, decoder_positions, decoder_segment_ids = tokens_bt, positions_bt, segment_ids_bt
         encoded_bsd = self.encode(tokens_bt, positions_bt, segment_ids_bt)
@@ -360,7 +353,7 @@ class EncoderDecoder(nn.Module):
     def encode(self, tokens_bs, positions_bs=None, segment_ids_bs=None):
         """The encoder's output (B, S, D) in the compute dtype; run once per input when generating
         (`model.apply(..., method="encode")`)."""
-        positions_bs, segment_ids_bs = _defaults(tokens_bs, positions_bs, segment_ids_bs)
+        positions_bs, segment_ids_bs = row_defaults(tokens_bs, positions_bs, segment_ids_bs)
         x_bsd = constrain(self.embed(tokens_bs), BTD)
         return self.encoder(x_bsd, positions_bs, segment_ids_bs)
 
@@ -387,7 +380,7 @@ class EncoderDecoder(nn.Module):
             slot = jnp.asarray(decode["slot"], jnp.int32)
             positions_bt = jnp.expand_dims(slot, -1) + jnp.arange(tokens_bt.shape[1], dtype=jnp.int32)
             positions_bt = jnp.broadcast_to(positions_bt, tokens_bt.shape)
-        positions_bt, segment_ids_bt = _defaults(tokens_bt, positions_bt, segment_ids_bt)
+        positions_bt, segment_ids_bt = row_defaults(tokens_bt, positions_bt, segment_ids_bt)
         x_btd = constrain(self.embed(tokens_bt), BTD)
         x_btd = self.decoder(x_btd, positions_bt, segment_ids_bt, encoded_bsd, encoded_segment_ids_bs, cache, decode)
         if cache is not None:

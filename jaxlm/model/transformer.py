@@ -22,7 +22,7 @@ from jaxlm.model import attention, context_parallel, pipeline
 from jaxlm.model.moe import MoE
 from jaxlm.model.pipeline import Pipeline
 from jaxlm.model.layers import (MLP, GeluMLP, LayerNorm, LowRank, RMSNorm, apply_rope, compute_dtype, dense,
-                                param_dtype, rope_frequencies, weight)
+                                param_dtype, rope_frequencies, row_defaults, weight)
 
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -157,10 +157,7 @@ class Transformer(nn.Module):
         if cache is not None:
             prefix_mask = None
         dt = compute_dtype(c)
-        if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-        if segment_ids_bt is None:
-            segment_ids_bt = jnp.ones_like(tokens_bt)
+        positions_bt, segment_ids_bt = row_defaults(tokens_bt, positions_bt, segment_ids_bt)
         shards = sequence_shards() if cache is None and not self.is_initializing() else 1
         if prefix_mask is not None and shards > 1:  # config validation rejects this too; a second guard
             raise ConfigError("prefix-LM attention (prefix_mask) cannot run with context parallelism "
